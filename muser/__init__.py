@@ -1,0 +1,22 @@
+"""muser: be a PCI device from Python, over the vfio-user protocol.
+
+A device is a `PciDevice` (identity, BARs, config space); a `Server` serves it on
+a UNIX socket to a vfio-user client such as QEMU's `vfio-user-pci`; `Client`
+speaks the protocol from the other side, for tests and tools.
+"""
+
+from muser.client import Client
+from muser.device import Bar, PciDevice, ResetReason
+from muser.errors import ConnectionClosedError, ProtocolError, VfioUserError
+from muser.server import Server
+
+__all__ = [
+    "Bar",
+    "Client",
+    "ConnectionClosedError",
+    "PciDevice",
+    "ProtocolError",
+    "ResetReason",
+    "Server",
+    "VfioUserError",
+]

@@ -1,0 +1,249 @@
+"""An async vfio-user client: the same wire layer, from the other side.
+
+muser's tests and benchmarks drive servers with it, and device authors can use it
+to test their own devices. Besides one awaitable method per command it offers
+`exchange` (any reply frame, errors included) and `send_raw` (exact bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+
+from muser.endpoint import Endpoint, command_name
+from muser.errors import ProtocolError
+from muser.wire import Capabilities, Frame, build_capabilities, parse_capabilities
+from muser.wire.constants import (
+    DEFAULT_MAX_DATA_XFER_SIZE,
+    PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
+    Command,
+    DmaMapFlag,
+    HeaderFlag,
+    MessageType,
+)
+from muser.wire.messages import (
+    DeviceFeature,
+    DeviceInfo,
+    DmaMap,
+    DmaUnmap,
+    DmaUnmapReply,
+    Empty,
+    IoFdsReply,
+    IoFdsRequest,
+    IrqInfo,
+    IrqSet,
+    MigData,
+    MigDataRead,
+    RegionAccess,
+    RegionData,
+    RegionInfo,
+    Version,
+    WriteMulti,
+    WriteOne,
+)
+
+CLIENT_MAX_MSG_FDS = 16
+MESSAGE_OVERHEAD = 32
+
+
+class Client(Endpoint):
+    """A connected vfio-user client. Use `Client.connect(path)` to get a negotiated one."""
+
+    def __init__(
+        self, sock: socket.socket, *, max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE
+    ) -> None:
+        super().__init__(
+            sock,
+            max_message_size=max_data_xfer_size + MESSAGE_OVERHEAD,
+            max_receive_fds=CLIENT_MAX_MSG_FDS,
+            logger=structlog.get_logger("muser.client"),
+        )
+        self.max_data_xfer_size = max_data_xfer_size
+        self.server: Capabilities | None = None
+        """What the server announced in its VERSION reply."""
+        self.server_version: tuple[int, int] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        negotiate: bool = True,
+        capabilities: Mapping[str, Any] | None = None,
+        max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
+    ) -> Self:
+        """Connect to a server's socket and, unless told not to, negotiate VERSION."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, os.fspath(path))
+        except BaseException:
+            sock.close()
+            raise
+        client = cls(sock, max_data_xfer_size=max_data_xfer_size)
+        if negotiate:
+            try:
+                await client.negotiate(capabilities)
+            except BaseException:
+                client.close()
+                raise
+        return client
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+    # What the server sends us
+
+    def _command_received(self, frame: Frame) -> None:
+        """Server-initiated commands (DMA_READ/DMA_WRITE) need guest memory this client
+        does not model; they are refused, as QEMU refuses what it cannot serve."""
+        frame.close_fds()
+        self.log.warning("refusing server command", command=command_name(frame.command))
+        if not frame.no_reply:
+            self.send(
+                frame.msg_id,
+                frame.command,
+                MessageType.REPLY | HeaderFlag.ERROR,
+                error=errno.ENOTSUP,
+            )
+
+    # Raw access, for tests that send what a well-behaved client would not
+
+    def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Put bytes on the socket as they are, with `fds` attached to the first byte."""
+        self.transport.send((data,), fds)
+
+    # Commands
+
+    async def negotiate(
+        self,
+        capabilities: Mapping[str, Any] | None = None,
+        *,
+        major: int = PROTOCOL_MAJOR,
+        minor: int = PROTOCOL_MINOR,
+    ) -> Version:
+        if capabilities is None:
+            capabilities = {
+                "max_msg_fds": CLIENT_MAX_MSG_FDS,
+                "max_data_xfer_size": self.max_data_xfer_size,
+            }
+        request = Version(major, minor, build_capabilities(capabilities))
+        reply = Version.parse((await self.request(Command.VERSION, request.build())).payload)
+        if reply.major != major or reply.minor > minor:
+            raise ProtocolError(f"server answered version {reply.major}.{reply.minor}")
+        self.server = parse_capabilities(reply.capabilities)
+        self.server_version = (reply.major, reply.minor)
+        return reply
+
+    async def get_device_info(self) -> DeviceInfo:
+        request = DeviceInfo(16, 0, 0, 0).build()
+        return DeviceInfo.parse((await self.request(Command.DEVICE_GET_INFO, request)).payload)
+
+    async def get_region_info(
+        self, index: int, *, argsz: int = RegionInfo.SIZE
+    ) -> tuple[RegionInfo, list[int]]:
+        """The region's description and the fds that came with it (now the caller's)."""
+        request = RegionInfo(argsz, 0, index, 0, 0, 0, b"").build()
+        reply = await self.request(Command.DEVICE_GET_REGION_INFO, request)
+        return RegionInfo.parse(reply.payload), reply.take_fds()
+
+    async def get_region_io_fds(
+        self, index: int, *, argsz: int = 16
+    ) -> tuple[IoFdsReply, list[int]]:
+        request = IoFdsRequest(argsz, 0, index, 0).build()
+        reply = await self.request(Command.DEVICE_GET_REGION_IO_FDS, request)
+        return IoFdsReply.parse(reply.payload), reply.take_fds()
+
+    async def get_irq_info(self, index: int) -> IrqInfo:
+        request = IrqInfo(16, 0, index, 0).build()
+        return IrqInfo.parse((await self.request(Command.DEVICE_GET_IRQ_INFO, request)).payload)
+
+    async def set_irqs(
+        self,
+        index: int,
+        flags: int,
+        start: int,
+        count: int,
+        *,
+        data: bytes = b"",
+        fds: Sequence[int] = (),
+    ) -> None:
+        request = IrqSet(20 + len(data), flags, index, start, count, data)
+        await self.request(Command.DEVICE_SET_IRQS, request.build(), fds)
+
+    async def region_read(self, region: int, offset: int, count: int) -> bytes:
+        request = RegionAccess(offset, region, count).build()
+        reply = RegionData.parse((await self.request(Command.REGION_READ, request)).payload)
+        if reply.count != count or len(reply.data) != count:
+            raise ProtocolError(f"asked for {count} bytes, got {len(reply.data)}")
+        return reply.data
+
+    async def region_write(
+        self, region: int, offset: int, data: bytes, *, posted: bool = False
+    ) -> None:
+        """Write to a region; a posted write (NO_REPLY) returns once it is sent."""
+        request = RegionData(offset, region, len(data), data).build()
+        if posted:
+            self.post(Command.REGION_WRITE, request)
+        else:
+            await self.request(Command.REGION_WRITE, request)
+
+    async def region_write_multi(self, writes: Iterable[tuple[int, int, bytes]]) -> None:
+        """Posted REGION_WRITE_MULTI of (region, offset, data ≤ 8 bytes) writes."""
+        entries = tuple(
+            WriteOne(offset, region, len(data), data.ljust(8, b"\0"))
+            for region, offset, data in writes
+        )
+        self.post(Command.REGION_WRITE_MULTI, WriteMulti(len(entries), entries).build())
+
+    async def dma_map(
+        self,
+        address: int,
+        size: int,
+        *,
+        fd: int | None = None,
+        offset: int = 0,
+        flags: int = DmaMapFlag.READ | DmaMapFlag.WRITE,
+    ) -> None:
+        request = DmaMap(32, flags, offset, address, size).build()
+        await self.request(Command.DMA_MAP, request, () if fd is None else (fd,))
+
+    async def dma_unmap(self, address: int, size: int, *, flags: int = 0) -> DmaUnmapReply:
+        request = DmaUnmap(24, flags, address, size, None).build()
+        return DmaUnmapReply.parse((await self.request(Command.DMA_UNMAP, request)).payload)
+
+    async def reset(self) -> None:
+        await self.request(Command.DEVICE_RESET, Empty().build())
+
+    async def device_feature(
+        self, flags: int, data: bytes = b"", *, argsz: int | None = None
+    ) -> DeviceFeature:
+        request = DeviceFeature(8 + len(data) if argsz is None else argsz, flags, data)
+        reply = await self.request(Command.DEVICE_FEATURE, request.build())
+        return DeviceFeature.parse(reply.payload)
+
+    async def mig_data_read(self, size: int) -> bytes:
+        request = MigDataRead(8 + size, size).build()
+        reply = MigData.parse((await self.request(Command.MIG_DATA_READ, request)).payload)
+        return reply.data[: reply.size]
+
+    async def mig_data_write(self, data: bytes) -> None:
+        request = MigData(8 + len(data), len(data), data).build()
+        await self.request(Command.MIG_DATA_WRITE, request)

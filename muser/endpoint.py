@@ -1,0 +1,185 @@
+"""What both ends of a vfio-user connection share: framing, message ids, and the
+requests this end sent, matched with their replies.
+
+The server uses it for its DMA_READ/DMA_WRITE requests, the client for all of
+its commands. Replies are matched as soon as they arrive, never behind queued
+commands, so a reply can't be stuck waiting for the command it is needed by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from muser.errors import ConnectionClosedError, VfioUserError
+from muser.transport import FdTransport
+from muser.wire import Frame, Framer, FramingError, encode_header
+from muser.wire.constants import Command, HeaderFlag, MessageType
+
+_MSG_ID_MODULUS = 1 << 16
+
+
+def debug_enabled(logger: Any) -> bool:
+    """Whether a structlog logger emits debug lines, so per-message logs cost nothing
+    when they would be dropped anyway."""
+    for name in ("is_enabled_for", "isEnabledFor"):
+        check = getattr(logger, name, None)
+        if check is not None:
+            return bool(check(10))
+    return True
+
+
+def command_name(command: int) -> str:
+    try:
+        return Command(command).name
+    except ValueError:
+        return str(command)
+
+
+class Endpoint:
+    """One side of a connected vfio-user socket."""
+
+    def __init__(
+        self, sock: socket.socket, *, max_message_size: int, max_receive_fds: int, logger: Any
+    ) -> None:
+        self.log = logger
+        self._debug = debug_enabled(logger)
+        self._framer = Framer(max_message_size)
+        self._requests: dict[int, tuple[int, asyncio.Future[Frame]]] = {}
+        self._next_msg_id = 0
+        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport = FdTransport(sock, self, max_receive_fds=max_receive_fds)
+
+    # Transport callbacks
+
+    def data_received(self, data: bytes, fds: list[int]) -> None:
+        try:
+            frames = self._framer.feed(data, fds)
+            broken: FramingError | None = None
+        except FramingError as exc:
+            frames, broken = exc.frames, exc
+        for frame in frames:
+            if self._debug:
+                self.log.debug(
+                    "received",
+                    msg_id=frame.msg_id,
+                    command=command_name(frame.command),
+                    flags=frame.flags,
+                    size=len(frame.payload),
+                    fds=len(frame.fds),
+                )
+            if frame.is_reply:
+                self._reply_received(frame)
+            else:
+                self._command_received(frame)
+        if broken is not None:
+            self.log.warning("protocol violation; closing the connection", error=str(broken))
+            self._stream_broken()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._framer.close()
+        for _command, future in self._requests.values():
+            if not future.done():
+                future.set_exception(ConnectionClosedError("connection lost"))
+        self._requests.clear()
+        if exc is not None:
+            self.log.info("connection lost", error=str(exc))
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    # What each side does with what arrives
+
+    def _command_received(self, frame: Frame) -> None:
+        raise NotImplementedError
+
+    def _unexpected_reply(self, frame: Frame) -> None:
+        self.log.warning(
+            "unexpected reply", msg_id=frame.msg_id, command=command_name(frame.command)
+        )
+        frame.close_fds()
+
+    def _stream_broken(self) -> None:
+        self.transport.close()
+
+    def _reply_received(self, frame: Frame) -> None:
+        entry = self._requests.get(frame.msg_id)
+        if entry is None or entry[0] != frame.command:
+            self._unexpected_reply(frame)
+            return
+        del self._requests[frame.msg_id]
+        future = entry[1]
+        if future.done():
+            frame.close_fds()
+        else:
+            future.set_result(frame)
+
+    # Sending
+
+    def send(
+        self,
+        msg_id: int,
+        command: int,
+        flags: int,
+        payload: bytes = b"",
+        fds: Sequence[int] = (),
+        *,
+        error: int = 0,
+    ) -> None:
+        header = encode_header(msg_id, command, len(payload), flags, error)
+        self.transport.send((header, payload) if payload else (header,), fds)
+
+    def _allocate_msg_id(self) -> int:
+        msg_id = self._next_msg_id
+        while msg_id in self._requests:
+            msg_id = (msg_id + 1) % _MSG_ID_MODULUS
+        self._next_msg_id = (msg_id + 1) % _MSG_ID_MODULUS
+        return msg_id
+
+    async def exchange(self, command: int, payload: bytes = b"", fds: Sequence[int] = ()) -> Frame:
+        """Send a command and return its reply frame as it came, error replies included.
+
+        The caller owns the reply's fds.
+        """
+        msg_id = self._allocate_msg_id()
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._requests[msg_id] = (command, future)
+        try:
+            self.send(msg_id, command, MessageType.COMMAND, payload, fds)
+            return await future
+        finally:
+            entry = self._requests.get(msg_id)
+            if entry is not None and entry[1] is future:
+                del self._requests[msg_id]
+
+    async def request(self, command: int, payload: bytes = b"", fds: Sequence[int] = ()) -> Frame:
+        """Send a command and wait for its reply; an error reply raises VfioUserError."""
+        reply = await self.exchange(command, payload, fds)
+        if reply.is_error:
+            reply.close_fds()
+            raise VfioUserError(
+                reply.error or errno.EIO, f"{command_name(command)} failed: errno {reply.error}"
+            )
+        return reply
+
+    def post(self, command: int, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
+        """Send a command with NO_REPLY: nothing comes back, not even an error."""
+        self.send(
+            self._allocate_msg_id(),
+            command,
+            MessageType.COMMAND | HeaderFlag.NO_REPLY,
+            payload,
+            fds,
+        )
+
+    @property
+    def is_closed(self) -> bool:
+        return self._lost.done()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._lost)

@@ -1,0 +1,232 @@
+"""A non-blocking AF_UNIX stream socket that carries file descriptors, on any loop.
+
+asyncio's and uvloop's own transports drop ancillary data, so this drives the
+socket directly with `loop.add_reader`/`add_writer`, `recvmsg` and `sendmsg`
+(protocol.md §1.6, §1.11). It knows nothing about what the bytes mean.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Sequence
+from typing import Protocol
+
+from muser.errors import ConnectionClosedError, ProtocolError
+from muser.wire import close_fds
+
+RECEIVE_BUFFER_SIZE = 256 * 1024
+WRITE_HIGH_WATER = 4 * 1024 * 1024
+"""Above this many queued bytes, `drain` waits for the peer to read."""
+WRITE_LOW_WATER = 1024 * 1024
+
+
+class _ReceiveBuffer(threading.local):
+    """One receive buffer per thread: a loop's reader callbacks never overlap, and
+    a buffer per connection would cost 256 KiB of memory per idle device."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(RECEIVE_BUFFER_SIZE))
+
+
+_receive_buffer = _ReceiveBuffer()
+
+
+class TransportProtocol(Protocol):
+    """What a transport reports to its owner, always from the loop's thread."""
+
+    def data_received(self, data: bytes, fds: list[int]) -> None:
+        """Bytes in arrival order, with the fds that came with them (now owned by the callee)."""
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """The socket is closed: peer EOF (None), an OS error, or a protocol error."""
+
+
+class _PendingWrite:
+    __slots__ = ("data", "fds")
+
+    def __init__(self, data: memoryview, fds: list[int]) -> None:
+        self.data = data
+        self.fds = fds
+
+
+def _scm_rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+class FdTransport:
+    """One connected socket: receives (bytes, fds), sends each message with one sendmsg."""
+
+    def __init__(
+        self, sock: socket.socket, protocol: TransportProtocol, *, max_receive_fds: int
+    ) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._loop = asyncio.get_running_loop()
+        self._protocol = protocol
+        self._ancillary_size = socket.CMSG_SPACE(4 * max(max_receive_fds, 1))
+        self._writes: deque[_PendingWrite] = deque()
+        self._queued = 0
+        self._drained: asyncio.Event | None = None
+        self._reading = False
+        self._closing = False
+        self._closed = False
+        self.resume_reading()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def write_buffer_size(self) -> int:
+        return self._queued
+
+    def peer_pid(self) -> int | None:
+        """The connecting process, from SO_PEERCRED (Linux)."""
+        try:
+            creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        except OSError:
+            return None
+        return int.from_bytes(creds[:4], "little")
+
+    def pause_reading(self) -> None:
+        if self._reading and not self._closed:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closed:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+
+    def _on_readable(self) -> None:
+        view = _receive_buffer.view
+        try:
+            size, ancdata, msg_flags, _ = self._sock.recvmsg_into(
+                [view], self._ancillary_size, socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._abort(exc)
+            return
+        fds = _received_fds(ancdata)
+        if msg_flags & socket.MSG_CTRUNC:
+            close_fds(fds)
+            self._abort(
+                ProtocolError("more file descriptors than advertised: control data truncated")
+            )
+            return
+        if size == 0:
+            close_fds(fds)
+            self._abort(None)
+            return
+        self._protocol.data_received(bytes(view[:size]), fds)
+
+    def send(self, buffers: Sequence[bytes], fds: Sequence[int] = ()) -> None:
+        """Send one message (its buffers in order) with `fds` attached to its first byte.
+
+        Never blocks: what the socket does not take now is queued (fds duplicated,
+        so the caller may close its own copies at once) and sent when it can.
+        """
+        if self._closed or self._closing:
+            raise ConnectionClosedError("connection is closed")
+        if not self._writes:
+            try:
+                sent = self._sock.sendmsg(buffers, _scm_rights(fds))
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._abort(exc)
+                raise ConnectionClosedError(str(exc)) from exc
+            total = sum(len(b) for b in buffers)
+            if sent == total:
+                return
+            if sent:
+                fds = ()
+            data = memoryview(b"".join(buffers))[sent:]
+        else:
+            data = memoryview(b"".join(buffers))
+        self._writes.append(_PendingWrite(data, [os.dup(fd) for fd in fds]))
+        self._queued += len(data)
+        if len(self._writes) == 1:
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        while self._writes:
+            pending = self._writes[0]
+            try:
+                sent = self._sock.sendmsg([pending.data], _scm_rights(pending.fds))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._abort(exc)
+                return
+            close_fds(pending.fds)
+            pending.fds = []
+            pending.data = pending.data[sent:]
+            self._queued -= sent
+            if pending.data:
+                return
+            self._writes.popleft()
+        self._loop.remove_writer(self._fd)
+        self._wake_drain()
+        if self._closing:
+            self._abort(None)
+
+    def _wake_drain(self) -> None:
+        if self._drained is not None and (self._queued <= WRITE_LOW_WATER or self._closed):
+            self._drained.set()
+            self._drained = None
+
+    async def drain(self) -> None:
+        """Wait while more than the high-water mark is queued for the peer."""
+        if self._queued <= WRITE_HIGH_WATER or self._closed:
+            return
+        if self._drained is None:
+            self._drained = asyncio.Event()
+        await self._drained.wait()
+
+    def close(self) -> None:
+        """Close now, dropping unsent data; the protocol hears connection_lost(None)."""
+        self._abort(None)
+
+    def close_when_sent(self) -> None:
+        """Stop reading, send what is queued (e.g. a final error reply), then close."""
+        self.pause_reading()
+        self._closing = True
+        if not self._writes:
+            self._abort(None)
+
+    def _abort(self, exc: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+        if self._writes:
+            self._loop.remove_writer(self._fd)
+        for pending in self._writes:
+            close_fds(pending.fds)
+        self._writes.clear()
+        self._queued = 0
+        self._wake_drain()
+        self._sock.close()
+        self._loop.call_soon(self._protocol.connection_lost, exc)

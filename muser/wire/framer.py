@@ -1,0 +1,190 @@
+"""Sans-IO framing: bytes and file descriptors in, complete frames out.
+
+The header is checked (message type, `16 <= size <= max_message_size`) as soon as
+its 16 bytes are there, before any payload is buffered, so a client can make us
+hold at most one bounded message. File descriptors belong to the message whose
+header they arrived with: the kernel hands them over with the first bytes of the
+`sendmsg` that carried them, and a vfio-user peer sends each message, fds
+included, with one `sendmsg`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from muser.errors import ProtocolError
+from muser.wire.constants import HEADER_SIZE, MESSAGE_TYPE_MASK, HeaderFlag, MessageType
+from muser.wire.messages import Header
+
+
+def _header_codec() -> struct.Struct:
+    codec = Header.CODEC
+    if codec is None or codec.size != HEADER_SIZE:
+        raise RuntimeError("the Header declaration must be 16 fixed bytes")
+    return codec
+
+
+_HEADER = _header_codec()
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close descriptors that nobody took ownership of."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@dataclass(slots=True, eq=False)
+class Frame:
+    """One complete message. Whoever holds the frame owns its `fds`: take them with
+    `take_fds` or let `close_fds` close them."""
+
+    msg_id: int
+    command: int
+    flags: int
+    error: int
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def is_reply(self) -> bool:
+        return self.flags & MESSAGE_TYPE_MASK == MessageType.REPLY
+
+    @property
+    def no_reply(self) -> bool:
+        return bool(self.flags & HeaderFlag.NO_REPLY)
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.flags & HeaderFlag.ERROR)
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close_fds(self) -> None:
+        close_fds(self.take_fds())
+
+    def encode(self) -> bytes:
+        """The frame as it would go over the wire, fds aside."""
+        return (
+            encode_header(self.msg_id, self.command, len(self.payload), self.flags, self.error)
+            + self.payload
+        )
+
+
+class FramingError(ProtocolError):
+    """The byte stream cannot be followed any more; the connection must close.
+
+    `frames` holds the complete messages that came before the bad one in the same
+    input, so that they are still processed in order.
+    """
+
+    def __init__(self, message: str, frames: list[Frame]) -> None:
+        super().__init__(message)
+        self.frames = frames
+
+
+def encode_header(
+    msg_id: int, command: int, payload_size: int, flags: int, error: int = 0
+) -> bytes:
+    return _HEADER.pack(msg_id, command, HEADER_SIZE + payload_size, flags, error)
+
+
+class Framer:
+    """Split a vfio-user byte stream into frames, without doing any I/O."""
+
+    __slots__ = ("_buffer", "_pending_fds", "max_message_size")
+
+    def __init__(self, max_message_size: int) -> None:
+        self.max_message_size = max_message_size
+        self._buffer = bytearray()
+        self._pending_fds: list[int] = []
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete message held so far."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Frame]:
+        """Take what one receive returned; return the messages it completed.
+
+        Takes ownership of `fds`. Raises FramingError (after closing every fd it
+        holds) when the stream is broken: a bad header, or fds that arrived with
+        payload bytes only.
+        """
+        frames: list[Frame] = []
+        held = self._buffer
+        first_new = len(held)
+        if held:
+            held += data
+            source: bytes | bytearray = held
+        else:
+            source = data
+        total = len(source)
+        position = 0
+        fds_owner: Frame | None = None
+        fds_to_pending = False
+        try:
+            while position < total:
+                starts_here = position >= first_new
+                if total - position < HEADER_SIZE:
+                    fds_to_pending = fds_to_pending or starts_here
+                    break
+                msg_id, command, size, flags, error = _HEADER.unpack_from(source, position)
+                self._check_header(size, flags)
+                if total - position < size:
+                    fds_to_pending = fds_to_pending or starts_here
+                    break
+                frame = Frame(
+                    msg_id,
+                    command,
+                    flags,
+                    error,
+                    bytes(source[position + HEADER_SIZE : position + size]),
+                )
+                if self._pending_fds:
+                    frame.fds = self._pending_fds
+                    self._pending_fds = []
+                if starts_here:
+                    fds_owner = frame
+                frames.append(frame)
+                position += size
+        except ProtocolError as exc:
+            close_fds(fds)
+            self.close()
+            raise FramingError(str(exc), frames) from None
+        if position:
+            self._buffer = bytearray(source[position:])
+        elif not held:
+            self._buffer = bytearray(source)
+        if fds:
+            if fds_to_pending:
+                self._pending_fds = list(fds)
+            elif fds_owner is not None:
+                fds_owner.fds = list(fds)
+            else:
+                close_fds(fds)
+                self.close()
+                raise FramingError("file descriptors arrived with message body bytes", frames)
+        return frames
+
+    def _check_header(self, size: int, flags: int) -> None:
+        message_type = flags & MESSAGE_TYPE_MASK
+        if message_type not in (MessageType.COMMAND, MessageType.REPLY):
+            raise ProtocolError(f"message type {message_type} is not defined")
+        if size < HEADER_SIZE:
+            raise ProtocolError(f"message size {size} is smaller than its header")
+        if size > self.max_message_size:
+            raise ProtocolError(f"message size {size} exceeds {self.max_message_size}")
+
+    def close(self) -> None:
+        """Forget a partial message and close the fds that came with it. Complete
+        frames keep theirs: their new owner closes them."""
+        close_fds(self._pending_fds)
+        self._pending_fds = []
+        self._buffer = bytearray()
