@@ -126,6 +126,12 @@ class ServerConnection(Endpoint):
         if not self._busy:
             self._run_queue()
 
+    def _unexpected_reply(self, frame: Frame) -> None:
+        """A reply to nothing we asked: its bytes are already skipped; say EINVAL, as
+        libvfio-user does, and keep serving."""
+        super()._unexpected_reply(frame)
+        self._send_reply(frame, MessageType.REPLY | HeaderFlag.ERROR, b"", (), errno.EINVAL)
+
     def _stream_broken(self) -> None:
         """Answer what came before the bad bytes, then close."""
         self._closing = True

@@ -1,0 +1,293 @@
+"""REGION_READ round trips through muser, against a raw socket echo on the same loop.
+
+On each event loop (asyncio, uvloop) this measures, in one process:
+
+- muser: a `muser.Client` doing sequential `region_read(0, 0, 4)` calls, one
+  outstanding at a time, against a `muser.Server` on a UNIX socket whose device
+  has a 4 KiB memory BAR0 with a plain (non-async) read handler;
+- baseline: the same traffic shape without any framework, a socketpair whose
+  ends are driven by `loop.add_reader` + `recvmsg`/`sendmsg`, moving the same
+  byte counts (a 32-byte request, a 36-byte reply). It is the floor: what a
+  perfect framework could reach on that loop.
+
+Both run on the same loop, their repetitions interleaved so that noise on a
+shared machine hits both alike. Reported: the median round trips/s across
+repetitions, p50/p99 latency over every round trip timed, and muser/baseline.
+
+    python benchmarks/region_read.py            # 5 x 20000 round trips per loop
+    python benchmarks/region_read.py --quick    # smoke test, a second or two
+    python benchmarks/region_read.py --json --pin 1 --loops uvloop
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import structlog
+import uvloop
+
+import muser
+
+BAR_SIZE = 4096
+READ_SIZE = 4
+REQUEST_SIZE = 32
+"""A REGION_READ request: 16-byte header, offset/region/count."""
+REPLY_SIZE = 36
+"""Its reply: 16-byte header, offset/region/count, then the data."""
+ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 16)
+"""Room for 16 fds, as a vfio-user endpoint must offer on every receive."""
+WARM_UP = 2000
+QUICK = {"round_trips": 500, "repetitions": 2, "warm_up": 200}
+
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+RoundTrip = Callable[[], Awaitable[object]]
+
+
+@dataclass
+class Result:
+    """One benchmark on one loop."""
+
+    round_trips_per_s: float
+    """The median across repetitions."""
+    per_repetition: list[float]
+    p50_us: float
+    p99_us: float
+
+
+class Series:
+    """Timings gathered repetition by repetition."""
+
+    def __init__(self, round_trip: RoundTrip) -> None:
+        self.round_trip = round_trip
+        self.rates: list[float] = []
+        self.latencies_ns: list[int] = []
+
+    async def run(self, count: int) -> None:
+        """Time `count` sequential round trips, each on its own and all together."""
+        clock = time.perf_counter_ns
+        round_trip = self.round_trip
+        latencies = [0] * count
+        start = clock()
+        for i in range(count):
+            before = clock()
+            await round_trip()
+            latencies[i] = clock() - before
+        elapsed = clock() - start
+        self.rates.append(count * 1e9 / elapsed)
+        self.latencies_ns.extend(latencies)
+
+    def result(self) -> Result:
+        ordered = sorted(self.latencies_ns)
+        return Result(
+            round_trips_per_s=statistics.median(self.rates),
+            per_repetition=self.rates,
+            p50_us=percentile(ordered, 50) / 1000,
+            p99_us=percentile(ordered, 99) / 1000,
+        )
+
+
+def percentile(ordered: Sequence[int], percent: float) -> int:
+    """Nearest-rank percentile of sorted samples."""
+    rank = max(1, -(-len(ordered) * percent // 100))
+    return ordered[int(rank) - 1]
+
+
+class EchoBaseline:
+    """Both ends of a socketpair on one loop: a 32-byte request, a 36-byte answer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._client, self._server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._client.setblocking(False)
+        self._server.setblocking(False)
+        self._request = bytes(REQUEST_SIZE)
+        self._reply = bytes(REPLY_SIZE)
+        self._waiter: asyncio.Future[bytes] | None = None
+        loop.add_reader(self._server.fileno(), self._serve)
+        loop.add_reader(self._client.fileno(), self._answered)
+
+    def _serve(self) -> None:
+        self._server.recvmsg(REQUEST_SIZE, ANCILLARY_SIZE)
+        self._server.sendmsg([self._reply])
+
+    def _answered(self) -> None:
+        data, _ancillary, _flags, _address = self._client.recvmsg(REPLY_SIZE, ANCILLARY_SIZE)
+        waiter, self._waiter = self._waiter, None
+        if waiter is None:
+            return
+        if len(data) == REPLY_SIZE:
+            waiter.set_result(data)
+        else:
+            waiter.set_exception(RuntimeError(f"short reply of {len(data)} bytes"))
+
+    async def round_trip(self) -> bytes:
+        self._waiter = self._loop.create_future()
+        self._client.sendmsg([self._request])
+        return await self._waiter
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._client.fileno())
+        self._loop.remove_reader(self._server.fileno())
+        self._client.close()
+        self._server.close()
+
+
+def memory_device() -> tuple[muser.PciDevice, bytearray]:
+    """A device whose BAR0 is 4 KiB of memory, read by a plain function."""
+    memory = bytearray(range(256)) * (BAR_SIZE // 256)
+
+    def read(offset: int, count: int) -> bytes:
+        return bytes(memory[offset : offset + count])
+
+    device = muser.PciDevice(
+        vendor_id=0x494F, device_id=0x0DC8, bars={0: muser.Bar(BAR_SIZE, read=read)}
+    )
+    return device, memory
+
+
+async def bench_loop(
+    directory: str, round_trips: int, repetitions: int, warm_up: int
+) -> dict[str, Any]:
+    """Both benchmarks on the running loop, their repetitions interleaved."""
+    loop = asyncio.get_running_loop()
+    device, memory = memory_device()
+    path = os.path.join(directory, f"{type(loop).__name__}.sock")
+    baseline = EchoBaseline(loop)
+    try:
+        async with muser.Server(device, path), await muser.Client.connect(path) as client:
+            read = functools.partial(client.region_read, 0, 0, READ_SIZE)
+            if await read() != memory[:READ_SIZE]:
+                raise RuntimeError("muser returned the wrong bytes")
+            series = {"baseline": Series(baseline.round_trip), "muser": Series(read)}
+            for one in series.values():
+                for _ in range(warm_up):
+                    await one.round_trip()
+            for _ in range(repetitions):
+                for one in series.values():
+                    await one.run(round_trips)
+    finally:
+        baseline.close()
+    results = {name: asdict(one.result()) for name, one in series.items()}
+    return {
+        "loop": f"{type(loop).__module__}.{type(loop).__qualname__}",
+        **results,
+        "ratio": results["muser"]["round_trips_per_s"] / results["baseline"]["round_trips_per_s"],
+    }
+
+
+def machine_facts(pinned: int | None) -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "pinned_cpu": pinned,
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "uvloop": importlib.metadata.version("uvloop"),
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    machine, settings = report["machine"], report["settings"]
+    pinned = machine["pinned_cpu"]
+    print(
+        f"machine: {machine['cpu_count']} CPUs, {machine['cpus_usable']} usable, "
+        f"{'pinned to CPU ' + str(pinned) if pinned is not None else 'not pinned'}; "
+        f"{machine['implementation']} {machine['python']}; uvloop {machine['uvloop']}"
+    )
+    print(f"platform: {machine['platform']}")
+    print(
+        f"settings: warm-up {settings['warm_up']}, then {settings['repetitions']} x "
+        f"{settings['round_trips']} round trips per benchmark, interleaved; "
+        f"REGION_READ of {READ_SIZE} bytes"
+    )
+    print()
+    header = f"{'loop':<8} {'benchmark':<9} {'round trips/s':>13} {'p50 µs':>8} {'p99 µs':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, loop in report["loops"].items():
+        for bench in ("baseline", "muser"):
+            result = loop[bench]
+            print(
+                f"{name:<8} {bench:<9} {result['round_trips_per_s']:>13,.0f} "
+                f"{result['p50_us']:>8.1f} {result['p99_us']:>8.1f}"
+            )
+        print(f"{name:<8} {'ratio':<9} {loop['ratio']:>13.3f}   muser/baseline ({loop['loop']})")
+    print()
+    print(f"total time: {report['elapsed_s']:.1f} s")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--round-trips", type=int, default=20000, help="per repetition")
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument(
+        "--loops", default="asyncio,uvloop", help="comma-separated: asyncio, uvloop"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="tiny counts, for a smoke test")
+    parser.add_argument("--pin", type=int, metavar="CPU", help="run on this CPU only")
+    args = parser.parse_args()
+    args.loops = args.loops.split(",")
+    unknown = set(args.loops) - LOOP_FACTORIES.keys()
+    if unknown:
+        parser.error(f"unknown loops: {', '.join(sorted(unknown))}")
+    if args.round_trips < 1 or args.repetitions < 1:
+        parser.error("--round-trips and --repetitions must be at least 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    settings = (
+        QUICK
+        if args.quick
+        else {
+            "round_trips": args.round_trips,
+            "repetitions": args.repetitions,
+            "warm_up": WARM_UP,
+        }
+    )
+    machine = machine_facts(args.pin)
+    if args.pin is not None:
+        os.sched_setaffinity(0, {args.pin})
+    started = time.perf_counter()
+    loops: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="muser-bench-") as directory:
+        for name in args.loops:
+            with asyncio.Runner(loop_factory=LOOP_FACTORIES[name]) as runner:
+                loops[name] = runner.run(bench_loop(directory, **settings))
+    report = {
+        "machine": machine,
+        "settings": settings,
+        "loops": loops,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+
+
+if __name__ == "__main__":
+    main()

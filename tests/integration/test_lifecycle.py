@@ -1,0 +1,171 @@
+"""Server lifecycle: the socket file, one client at a time, reconnects, many devices."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+
+import pytest
+
+from muser import Client, ConnectionClosedError, ResetReason, Server
+from muser.wire.constants import Command
+from muser.wire.messages import DmaMap, IrqSet
+from tests.helpers import RecordingDevice, open_fds
+
+
+async def test_socket_file_mode_and_removal(device: RecordingDevice, sock_path: str) -> None:
+    server = Server(device, sock_path)
+    await server.start_serving()
+    assert server.is_serving()
+    mode = os.stat(sock_path).st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+    server.close()
+    await server.wait_closed()
+    assert not os.path.exists(sock_path)
+    assert not server.is_serving()
+
+
+async def test_refuses_a_live_servers_socket(server: Server) -> None:
+    with pytest.raises(OSError, match="another live server"):
+        await Server(RecordingDevice(), server.path).start_serving()
+    assert await (await Client.connect(server.path)).get_device_info()
+
+
+async def test_replaces_a_stale_socket(device: RecordingDevice, sock_path: str) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(sock_path)
+    stale.close()
+    assert os.path.exists(sock_path)
+    async with Server(device, sock_path), await Client.connect(sock_path) as client:
+        assert (await client.get_device_info()).num_regions == 9
+
+
+async def test_refuses_to_replace_a_regular_file(device: RecordingDevice, sock_path: str) -> None:
+    with open(sock_path, "w") as file:
+        file.write("precious")
+    with pytest.raises(FileExistsError):
+        await Server(device, sock_path).start_serving()
+    with open(sock_path) as file:
+        assert file.read() == "precious"
+
+
+async def test_close_leaves_a_successors_socket(device: RecordingDevice, sock_path: str) -> None:
+    server = Server(device, sock_path)
+    await server.start_serving()
+    os.unlink(sock_path)
+    async with Server(RecordingDevice(), sock_path):
+        server.close()
+        await server.wait_closed()
+        assert os.path.exists(sock_path)
+
+
+async def test_reconnect_keeps_state_and_drops_fds(
+    server: Server, device: RecordingDevice
+) -> None:
+    before = open_fds()
+    async with await Client.connect(server.path) as first:
+        await first.region_write(0, 0, b"kept")
+        await first.region_write(7, 0x3C, b"\x0a")
+        memfd = os.memfd_create("guest-ram")
+        os.ftruncate(memfd, 4096)
+        eventfd = os.eventfd(0)
+        await first.exchange(Command.DMA_MAP, DmaMap(32, 3, 0, 0, 4096).build(), [memfd])
+        await first.exchange(
+            Command.DEVICE_SET_IRQS, IrqSet(20, 0x24, 0, 0, 1, b"").build(), [eventfd]
+        )
+        os.close(memfd)
+        os.close(eventfd)
+    async with await Client.connect(server.path) as second:
+        assert await second.region_read(0, 0, 4) == b"kept"
+        assert await second.region_read(7, 0x3C, 1) == b"\x0a"
+    await server.wait_closed()
+    assert device.resets == [ResetReason.LOST_CONNECTION, ResetReason.LOST_CONNECTION]
+    assert open_fds() == before
+
+
+async def test_second_client_waits_for_the_first(server: Server) -> None:
+    first = await Client.connect(server.path)
+    waiting = asyncio.ensure_future(Client.connect(server.path))
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "one client per device at a time"
+    first.close()
+    second = await asyncio.wait_for(waiting, 5)
+    assert (await second.get_device_info()).num_regions == 9
+    second.close()
+    await second.wait_closed()
+
+
+async def test_close_drops_the_attached_client(device: RecordingDevice, sock_path: str) -> None:
+    server = Server(device, sock_path)
+    await server.start_serving()
+    client = await Client.connect(sock_path)
+    server.close()
+    await server.wait_closed()
+    await asyncio.wait_for(client.wait_closed(), 5)
+    with pytest.raises(ConnectionClosedError):
+        await client.get_device_info()
+    assert device.resets == [ResetReason.LOST_CONNECTION]
+
+
+async def test_serve_forever_until_closed(device: RecordingDevice, sock_path: str) -> None:
+    server = Server(device, sock_path)
+    task = asyncio.ensure_future(server.serve_forever())
+    while not os.path.exists(sock_path):
+        await asyncio.sleep(0.005)
+    async with await Client.connect(sock_path) as client:
+        await client.get_device_info()
+    server.close()
+    await asyncio.wait_for(task, 5)
+    assert not os.path.exists(sock_path)
+
+
+async def test_serve_forever_cancelled_cleans_up(device: RecordingDevice, sock_path: str) -> None:
+    task = asyncio.ensure_future(Server(device, sock_path).serve_forever())
+    while not os.path.exists(sock_path):
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not os.path.exists(sock_path)
+
+
+async def test_two_devices_on_one_loop(sock_dir: str) -> None:
+    """A slow handler of one device does not stall the other device."""
+    slow, fast = RecordingDevice("slow"), RecordingDevice("fast")
+    slow.io_delay = 0.5
+    async with (
+        Server(slow, os.path.join(sock_dir, "slow.sock")) as slow_server,
+        Server(fast, os.path.join(sock_dir, "fast.sock")) as fast_server,
+        await Client.connect(slow_server.path) as slow_client,
+        await Client.connect(fast_server.path) as fast_client,
+    ):
+        stalled = asyncio.ensure_future(slow_client.region_read(2, 0, 4))
+        await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for index in range(50):
+            await fast_client.region_write(0, index, b"x")
+        assert loop.time() - started < 0.4
+        assert not stalled.done()
+        assert await stalled == bytes(4)
+
+
+async def test_lost_connection_waits_for_in_flight_handler(
+    server: Server, device: RecordingDevice
+) -> None:
+    """The device hears of the lost client only after its running handler finished."""
+    device.io_delay = 0.05
+    client = await Client.connect(server.path)
+    client.post(
+        Command.REGION_WRITE,
+        bytes(8) + (2).to_bytes(4, "little") + (1).to_bytes(4, "little") + b"z",
+    )
+    await asyncio.sleep(0.01)
+    client.close()
+    while server.connection is not None:
+        await asyncio.sleep(0.01)
+    assert device.log == [("write_io", 0, b"z")]
+    assert device.resets == [ResetReason.LOST_CONNECTION]
