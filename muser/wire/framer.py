@@ -168,9 +168,13 @@ class Framer:
             elif fds_owner is not None:
                 fds_owner.fds = list(fds)
             else:
+                # No message starts in this input, so the only frame it completed is
+                # the one whose body carried the fds: it is the violation, not before it.
                 close_fds(fds)
                 self.close()
-                raise FramingError("file descriptors arrived with message body bytes", frames)
+                for frame in frames:
+                    frame.close_fds()
+                raise FramingError("file descriptors arrived with message body bytes", [])
         return frames
 
     def _check_header(self, size: int, flags: int) -> None:

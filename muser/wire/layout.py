@@ -142,6 +142,8 @@ class _Nested(cs.Adapter):  # type: ignore[type-arg]
         return self.layout_cls(**{name: obj[name] for name in self.layout_cls.FIELDS})
 
     def _encode(self, obj: Any, context: Any, path: Any) -> dict[str, Any]:
+        if not isinstance(obj, self.layout_cls):
+            raise cs.ConstructError(f"expected {self.layout_cls.__name__}, got {obj!r}")
         return {name: getattr(obj, name) for name in self.layout_cls.FIELDS}
 
 

@@ -1,0 +1,112 @@
+"""`python -m muser.run` as a user runs it: a real process, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from muser import Client
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def start(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "muser.run",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def wait_for_socket(path: str, process: asyncio.subprocess.Process) -> None:
+    for _ in range(500):
+        if os.path.exists(path):
+            return
+        if process.returncode is not None:
+            break
+        await asyncio.sleep(0.01)
+    _, stderr = await process.communicate()
+    raise AssertionError(f"no socket at {path}: {stderr.decode()}")
+
+
+async def stop(process: asyncio.subprocess.Process, signum: int) -> str:
+    process.send_signal(signum)
+    _, stderr = await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode == 0, stderr.decode()
+    return stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("loop", "signum"), [("uvloop", signal.SIGTERM), ("asyncio", signal.SIGINT)]
+)
+async def test_serves_null_and_exits_cleanly(sock_dir: str, loop: str, signum: int) -> None:
+    path = os.path.join(sock_dir, "null.sock")
+    process = await start("null", "--socket", path, "--loop", loop)
+    await wait_for_socket(path, process)
+    async with await Client.connect(path) as client:
+        assert await client.region_read(7, 0, 4) == b"\x4f\x49\xc8\x0d"
+        for index in range(6):
+            assert (await client.get_region_info(index))[0].size == 0
+    stderr = await stop(process, signum)
+    assert not os.path.exists(path)
+    assert "vfio-user-pci" in stderr
+    assert path in stderr
+
+
+async def test_json_logs_and_several_devices(sock_dir: str) -> None:
+    first, second = os.path.join(sock_dir, "a.sock"), os.path.join(sock_dir, "b.sock")
+    process = await start(
+        "null",
+        "tests.helpers:RecordingDevice",
+        "--socket",
+        first,
+        "--socket",
+        second,
+        "--log-format",
+        "json",
+        "--log-level",
+        "debug",
+    )
+    await wait_for_socket(second, process)
+    await wait_for_socket(first, process)
+    async with await Client.connect(second) as client:
+        assert (await client.get_region_info(2))[0].size == 256
+    stderr = await stop(process, signal.SIGTERM)
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert {"serving", "negotiated", "received", "closed"} <= {e["event"] for e in events}
+    assert all("level" in event for event in events)
+
+
+def test_help_lists_samples() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "muser.run", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "null" in result.stdout
+    assert "--socket" in result.stdout
+
+
+def test_unknown_device_is_an_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "muser.run", "nonesuch"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "unknown device 'nonesuch'" in result.stderr

@@ -1,0 +1,117 @@
+"""The framer on its own: no sockets, real fds only where ownership is the point."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from muser.errors import ProtocolError
+from muser.wire import Framer, FramingError, encode_header
+from muser.wire.constants import Command
+from tests.helpers import message, open_fds
+
+LIMIT = 4096
+
+
+def stream(count: int) -> bytes:
+    return b"".join(
+        message(i, Command.REGION_WRITE, bytes([i]) * (i * 7 % 50)) for i in range(count)
+    )
+
+
+@given(st.lists(st.integers(min_value=1, max_value=97), min_size=1, max_size=40))
+def test_any_split_gives_the_same_frames(cuts: list[int]) -> None:
+    data = stream(20)
+    framer = Framer(LIMIT)
+    frames = []
+    position = 0
+    for cut in cuts:
+        frames += framer.feed(data[position : position + cut])
+        position += cut
+    frames += framer.feed(data[position:])
+    assert b"".join(frame.encode() for frame in frames) == data
+    assert [frame.msg_id for frame in frames] == list(range(20))
+    assert framer.buffered == 0
+
+
+def test_header_is_checked_before_the_payload_arrives() -> None:
+    framer = Framer(LIMIT)
+    with pytest.raises(FramingError, match="exceeds"):
+        framer.feed(encode_header(1, Command.REGION_WRITE, LIMIT, 0))
+    assert framer.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("size", "flags", "match"),
+    [
+        (15, 0, "smaller than its header"),
+        (16, 2, "type 2"),
+        (16, 0x3F, "type 15"),
+        (LIMIT + 1, 0, "exceeds"),
+    ],
+)
+def test_bad_headers(size: int, flags: int, match: str) -> None:
+    header = message(1, 1, size=size, flags=flags)
+    with pytest.raises(FramingError, match=match) as caught:
+        Framer(LIMIT).feed(header)
+    assert isinstance(caught.value, ProtocolError)
+
+
+def test_frames_before_a_bad_header_are_kept() -> None:
+    good = message(1, Command.DEVICE_RESET)
+    with pytest.raises(FramingError) as caught:
+        Framer(LIMIT).feed(good + message(2, 1, size=3))
+    assert [frame.msg_id for frame in caught.value.frames] == [1]
+
+
+def test_reserved_flag_bits_are_ignored() -> None:
+    (frame,) = Framer(LIMIT).feed(message(1, Command.DEVICE_RESET, flags=0xFFFF_FF00 | 0x10))
+    assert frame.no_reply
+    assert not frame.is_reply
+
+
+def test_fds_go_to_the_message_that_starts_in_their_chunk() -> None:
+    """A receive can end a previous message and start the fd-carrying one."""
+    first, second = message(1, Command.REGION_WRITE, b"x" * 40), message(2, 2, bytes(32))
+    framer = Framer(LIMIT)
+    assert framer.feed(first[:30]) == []
+    fd = os.eventfd(0)
+    frames = framer.feed(first[30:] + second[:10], [fd])
+    assert [frame.msg_id for frame in frames] == [1]
+    assert frames[0].fds == []
+    (carrier,) = framer.feed(second[10:])
+    assert carrier.fds == [fd]
+    carrier.close_fds()
+
+
+def test_fds_with_only_body_bytes_are_refused_and_closed() -> None:
+    before = open_fds()
+    data = message(1, Command.REGION_WRITE, b"x" * 40)
+    framer = Framer(LIMIT)
+    framer.feed(data[:20])
+    with pytest.raises(FramingError, match="body") as caught:
+        framer.feed(data[20:], [os.eventfd(0), os.memfd_create("x")])
+    assert caught.value.frames == []
+    assert open_fds() == before
+
+
+def test_close_releases_a_partial_messages_fds() -> None:
+    before = open_fds()
+    framer = Framer(LIMIT)
+    framer.feed(message(1, 2, bytes(32))[:20], [os.eventfd(0)])
+    assert open_fds() != before
+    framer.close()
+    assert open_fds() == before
+    assert framer.buffered == 0
+
+
+def test_frame_take_fds_transfers_ownership() -> None:
+    fd = os.eventfd(0)
+    (frame,) = Framer(LIMIT).feed(message(1, 2, bytes(32)), [fd])
+    assert frame.take_fds() == [fd]
+    frame.close_fds()
+    os.fstat(fd)
+    os.close(fd)
