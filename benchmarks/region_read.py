@@ -27,6 +27,7 @@ import functools
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import socket
@@ -69,6 +70,8 @@ class Result:
     round_trips_per_s: float
     """The median across repetitions."""
     per_repetition: list[float]
+    spread: float
+    """(max - min) / median of the repetitions' round trips/s."""
     p50_us: float
     p99_us: float
 
@@ -97,9 +100,11 @@ class Series:
 
     def result(self) -> Result:
         ordered = sorted(self.latencies_ns)
+        median = statistics.median(self.rates)
         return Result(
-            round_trips_per_s=statistics.median(self.rates),
+            round_trips_per_s=median,
             per_repetition=self.rates,
+            spread=(max(self.rates) - min(self.rates)) / median,
             p50_us=percentile(ordered, 50) / 1000,
             p99_us=percentile(ordered, 99) / 1000,
         )
@@ -107,8 +112,7 @@ class Series:
 
 def percentile(ordered: Sequence[int], percent: float) -> int:
     """Nearest-rank percentile of sorted samples."""
-    rank = max(1, -(-len(ordered) * percent // 100))
-    return ordered[int(rank) - 1]
+    return ordered[max(1, math.ceil(len(ordered) * percent / 100)) - 1]
 
 
 class EchoBaseline:
@@ -121,7 +125,7 @@ class EchoBaseline:
         self._server.setblocking(False)
         self._request = bytes(REQUEST_SIZE)
         self._reply = bytes(REPLY_SIZE)
-        self._waiter: asyncio.Future[bytes] | None = None
+        self._waiter: asyncio.Future[bytes] = loop.create_future()
         loop.add_reader(self._server.fileno(), self._serve)
         loop.add_reader(self._client.fileno(), self._answered)
 
@@ -131,13 +135,10 @@ class EchoBaseline:
 
     def _answered(self) -> None:
         data, _ancillary, _flags, _address = self._client.recvmsg(REPLY_SIZE, ANCILLARY_SIZE)
-        waiter, self._waiter = self._waiter, None
-        if waiter is None:
-            return
         if len(data) == REPLY_SIZE:
-            waiter.set_result(data)
+            self._waiter.set_result(data)
         else:
-            waiter.set_exception(RuntimeError(f"short reply of {len(data)} bytes"))
+            self._waiter.set_exception(RuntimeError(f"short reply of {len(data)} bytes"))
 
     async def round_trip(self) -> bytes:
         self._waiter = self._loop.create_future()
@@ -216,22 +217,28 @@ def print_table(report: dict[str, Any]) -> None:
     )
     print(f"platform: {machine['platform']}")
     print(
+        "loops: " + ", ".join(f"{name} = {loop['loop']}" for name, loop in report["loops"].items())
+    )
+    print(
         f"settings: warm-up {settings['warm_up']}, then {settings['repetitions']} x "
         f"{settings['round_trips']} round trips per benchmark, interleaved; "
         f"REGION_READ of {READ_SIZE} bytes"
     )
     print()
-    header = f"{'loop':<8} {'benchmark':<9} {'round trips/s':>13} {'p50 µs':>8} {'p99 µs':>8}"
+    header = (
+        f"{'loop':<8} {'benchmark':<14} {'round trips/s':>13} {'spread':>7} "
+        f"{'p50 µs':>8} {'p99 µs':>8}"
+    )
     print(header)
     print("-" * len(header))
     for name, loop in report["loops"].items():
         for bench in ("baseline", "muser"):
             result = loop[bench]
             print(
-                f"{name:<8} {bench:<9} {result['round_trips_per_s']:>13,.0f} "
-                f"{result['p50_us']:>8.1f} {result['p99_us']:>8.1f}"
+                f"{name:<8} {bench:<14} {result['round_trips_per_s']:>13,.0f} "
+                f"{result['spread']:>7.1%} {result['p50_us']:>8.1f} {result['p99_us']:>8.1f}"
             )
-        print(f"{name:<8} {'ratio':<9} {loop['ratio']:>13.3f}   muser/baseline ({loop['loop']})")
+        print(f"{name:<8} {'muser/baseline':<14} {loop['ratio']:>13.3f}")
     print()
     print(f"total time: {report['elapsed_s']:.1f} s")
 
@@ -244,8 +251,10 @@ def parse_args() -> argparse.Namespace:
         "--loops", default="asyncio,uvloop", help="comma-separated: asyncio, uvloop"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quick", action="store_true", help="tiny counts, for a smoke test")
-    parser.add_argument("--pin", type=int, metavar="CPU", help="run on this CPU only")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny counts, for a smoke test (overrides counts)"
+    )
+    parser.add_argument("--pin", type=int, metavar="CPU", help="run the process on this CPU only")
     args = parser.parse_args()
     args.loops = args.loops.split(",")
     unknown = set(args.loops) - LOOP_FACTORIES.keys()
@@ -253,6 +262,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"unknown loops: {', '.join(sorted(unknown))}")
     if args.round_trips < 1 or args.repetitions < 1:
         parser.error("--round-trips and --repetitions must be at least 1")
+    if args.pin is not None and args.pin not in os.sched_getaffinity(0):
+        parser.error(f"CPU {args.pin} is not one this process may run on")
     return args
 
 
