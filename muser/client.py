@@ -22,12 +22,11 @@ from muser.errors import ProtocolError
 from muser.wire import Capabilities, Frame, build_capabilities, parse_capabilities
 from muser.wire.constants import (
     DEFAULT_MAX_DATA_XFER_SIZE,
+    FLAGS_ERROR_REPLY,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
     Command,
     DmaMapFlag,
-    HeaderFlag,
-    MessageType,
 )
 from muser.wire.messages import (
     DeviceFeature,
@@ -120,7 +119,7 @@ class Client(Endpoint):
             self.send(
                 frame.msg_id,
                 frame.command,
-                MessageType.REPLY | HeaderFlag.ERROR,
+                FLAGS_ERROR_REPLY,
                 error=errno.ENOTSUP,
             )
 

@@ -25,13 +25,13 @@ from muser.wire import Capabilities, Frame, Layout, build_capabilities, parse_ca
 from muser.wire.constants import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     DEFAULT_PGSIZES,
+    FLAGS_ERROR_REPLY,
+    FLAGS_REPLY,
     HEADER_SIZE,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
     Command,
     DeviceFlag,
-    HeaderFlag,
-    MessageType,
 )
 from muser.wire.messages import (
     DeviceInfo,
@@ -130,7 +130,7 @@ class ServerConnection(Endpoint):
         """A reply to nothing we asked: its bytes are already skipped; say EINVAL, as
         libvfio-user does, and keep serving."""
         super()._unexpected_reply(frame)
-        self._send_reply(frame, MessageType.REPLY | HeaderFlag.ERROR, b"", (), errno.EINVAL)
+        self._send_reply(frame, FLAGS_ERROR_REPLY, b"", (), errno.EINVAL)
 
     def _stream_broken(self) -> None:
         """Answer what came before the bad bytes, then close."""
@@ -214,7 +214,7 @@ class ServerConnection(Endpoint):
             payload, fds = outcome.payload, outcome.fds
         else:
             payload = outcome.build()
-        self._send_reply(frame, MessageType.REPLY, payload, fds)
+        self._send_reply(frame, FLAGS_REPLY, payload, fds)
 
     def _reply_error(self, frame: Frame, exc: Exception) -> None:
         if isinstance(exc, VfioUserError):
@@ -235,7 +235,7 @@ class ServerConnection(Endpoint):
                 exc_info=exc,
             )
         if not frame.no_reply:
-            self._send_reply(frame, MessageType.REPLY | HeaderFlag.ERROR, b"", (), code)
+            self._send_reply(frame, FLAGS_ERROR_REPLY, b"", (), code)
 
     def _send_reply(
         self, frame: Frame, flags: int, payload: bytes, fds: Sequence[int], error: int = 0
@@ -333,8 +333,7 @@ class ServerConnection(Endpoint):
             raise ProtocolError(f"region {region} does not exist")
         if count > self.max_data_xfer_size:
             raise ProtocolError(f"access of {count} bytes exceeds max_data_xfer_size")
-        _flags, size = self.device.region_flags_and_size(region)
-        if offset + count > size:
+        if offset + count > self.device.region_size(region):
             raise ProtocolError(f"access {offset:#x}+{count} is outside region {region}")
 
     def _region_read(self, frame: Frame) -> Outcome | Awaitable[Outcome]:

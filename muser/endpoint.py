@@ -17,7 +17,7 @@ from typing import Any
 from muser.errors import ConnectionClosedError, VfioUserError
 from muser.transport import FdTransport
 from muser.wire import Frame, Framer, FramingError, encode_header
-from muser.wire.constants import Command, HeaderFlag, MessageType
+from muser.wire.constants import FLAGS_COMMAND, FLAGS_POSTED_COMMAND, Command
 
 _MSG_ID_MODULUS = 1 << 16
 
@@ -147,7 +147,7 @@ class Endpoint:
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._requests[msg_id] = (command, future)
         try:
-            self.send(msg_id, command, MessageType.COMMAND, payload, fds)
+            self.send(msg_id, command, FLAGS_COMMAND, payload, fds)
             return await future
         finally:
             entry = self._requests.get(msg_id)
@@ -169,7 +169,7 @@ class Endpoint:
         self.send(
             self._allocate_msg_id(),
             command,
-            MessageType.COMMAND | HeaderFlag.NO_REPLY,
+            FLAGS_POSTED_COMMAND,
             payload,
             fds,
         )

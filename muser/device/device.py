@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Awaitable, Mapping
 from enum import Enum
+from types import MappingProxyType
 
 from muser.device.bar import Bar
 from muser.errors import VfioUserError
@@ -46,7 +47,8 @@ class PciDevice:
         name: str | None = None,
     ) -> None:
         self.name = name or type(self).__name__
-        self.bars: dict[int, Bar] = dict(bars or {})
+        self.bars: Mapping[int, Bar] = MappingProxyType(dict(bars or {}))
+        """The BARs by index, fixed once the device is built."""
         for index, bar in self.bars.items():
             if not 0 <= index < NUM_BARS:
                 raise ValueError(f"BAR index {index} is not 0…5")
@@ -60,6 +62,9 @@ class PciDevice:
             revision=revision,
             class_code=class_code,
             bars=self.bars,
+        )
+        self._region_sizes = tuple(
+            self.region_flags_and_size(index)[1] for index in range(self.num_regions)
         )
 
     def reset(self, reason: ResetReason) -> Awaitable[None] | None:
@@ -83,6 +88,10 @@ class PciDevice:
         if bar.write is not None:
             flags |= RegionFlag.WRITE
         return flags, bar.size
+
+    def region_size(self, index: int) -> int:
+        """The size of region `index` (< num_regions), 0 if it does not exist."""
+        return self._region_sizes[index]
 
     def read_region(self, index: int, offset: int, count: int) -> bytes | Awaitable[bytes]:
         """A client read, already checked against the region's bounds."""

@@ -17,7 +17,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from muser.errors import ProtocolError
-from muser.wire.constants import HEADER_SIZE, MESSAGE_TYPE_MASK, HeaderFlag, MessageType
+from muser.wire.constants import (
+    ERROR_BIT,
+    FLAGS_COMMAND,
+    FLAGS_REPLY,
+    HEADER_SIZE,
+    MESSAGE_TYPE_MASK,
+    NO_REPLY_BIT,
+)
 from muser.wire.messages import Header
 
 
@@ -52,15 +59,15 @@ class Frame:
 
     @property
     def is_reply(self) -> bool:
-        return self.flags & MESSAGE_TYPE_MASK == MessageType.REPLY
+        return self.flags & MESSAGE_TYPE_MASK == FLAGS_REPLY
 
     @property
     def no_reply(self) -> bool:
-        return bool(self.flags & HeaderFlag.NO_REPLY)
+        return bool(self.flags & NO_REPLY_BIT)
 
     @property
     def is_error(self) -> bool:
-        return bool(self.flags & HeaderFlag.ERROR)
+        return bool(self.flags & ERROR_BIT)
 
     def take_fds(self) -> list[int]:
         fds, self.fds = self.fds, []
@@ -179,7 +186,7 @@ class Framer:
 
     def _check_header(self, size: int, flags: int) -> None:
         message_type = flags & MESSAGE_TYPE_MASK
-        if message_type not in (MessageType.COMMAND, MessageType.REPLY):
+        if message_type not in (FLAGS_COMMAND, FLAGS_REPLY):
             raise ProtocolError(f"message type {message_type} is not defined")
         if size < HEADER_SIZE:
             raise ProtocolError(f"message size {size} is smaller than its header")

@@ -9,9 +9,10 @@ that same declaration for the hot path. Tests check that both paths agree.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar, cast, dataclass_transform
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, TypeVar, cast, dataclass_transform
 
 import construct as cs
 
@@ -23,6 +24,10 @@ _L = TypeVar("_L", bound="Layout")
 def wire(subcon: Any) -> Any:
     """Declare a layout field by its construct subcon (fields are laid out in order)."""
     return dataclasses.field(metadata={"subcon": subcon})
+
+
+class _ValuesGetter(Protocol):
+    def __call__(self, obj: Any, /) -> tuple[Any, ...]: ...
 
 
 class Layout:
@@ -39,6 +44,8 @@ class Layout:
     SIZE: ClassVar[int]
     """Bytes of the fixed-size fields that lead the layout (all of it, if fixed)."""
     FIELDS: ClassVar[tuple[str, ...]]
+    VALUES: ClassVar[_ValuesGetter]
+    """The field values of an instance, in order (one C call)."""
 
     if TYPE_CHECKING:
 
@@ -70,7 +77,7 @@ class Layout:
         """Encode to bytes; a value out of its field's range raises ValueError."""
         codec = self.CODEC
         if codec is not None:
-            values = [getattr(self, name) for name in self.FIELDS]
+            values = type(self).VALUES(self)
             try:
                 if self.HAS_TAIL:
                     return codec.pack(*values[:-1]) + bytes(values[-1])
@@ -93,6 +100,15 @@ def _fast_format(subcon: Any) -> str | None:
     if isinstance(subcon, cs.Bytes) and isinstance(subcon.length, int):
         return f"{subcon.length}s"
     return None
+
+
+def _values_getter(names: tuple[str, ...]) -> _ValuesGetter:
+    if len(names) > 1:
+        return operator.attrgetter(*names)
+    if names:
+        single = operator.attrgetter(names[0])
+        return lambda obj: (single(obj),)
+    return lambda _obj: ()
 
 
 def _fixed_prefix_size(subcons: list[Any]) -> int:
@@ -121,6 +137,7 @@ def layout(cls: type[_L]) -> type[_L]:
     fields = dataclasses.fields(cast(Any, made))
     subcons = [field.metadata["subcon"] for field in fields]
     made.FIELDS = tuple(field.name for field in fields)
+    made.VALUES = _values_getter(made.FIELDS)
     made.STRUCT = cs.Struct(
         *(field.name / subcon for field, subcon in zip(fields, subcons, strict=True)),
         cs.Terminated,
