@@ -12,11 +12,14 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 import pytest
 import structlog
 import uvloop
+from hypothesis import settings
 
 from muser import Client, Server
 from tests.helpers import RecordingDevice
 
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+settings.register_profile("muser", deadline=None, print_blob=True)
+settings.load_profile("muser")
 
 
 def pytest_asyncio_loop_factories(

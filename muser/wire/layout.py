@@ -112,12 +112,13 @@ def _values_getter(names: tuple[str, ...]) -> _ValuesGetter:
 
 
 def _fixed_prefix_size(subcons: list[Any]) -> int:
+    """The bytes taken by the fixed-size fields before the first variable one."""
     total = 0
     for subcon in subcons:
-        try:
-            total += subcon.sizeof()
-        except (cs.SizeofError, AttributeError, KeyError):
+        fmt = _fast_format(subcon)
+        if fmt is None:
             break
+        total += struct.calcsize("<" + fmt)
     return total
 
 

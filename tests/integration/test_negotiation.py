@@ -88,3 +88,13 @@ async def test_client_negotiates(client: Client) -> None:
     assert client.server is not None
     assert client.server.max_msg_fds == 16
     assert client.server.max_data_xfer_size == 1 << 20
+
+
+async def test_client_negotiates_what_it_is_told(server: Server) -> None:
+    async with await Client.connect(server.path, negotiate=False) as client:
+        assert client.server is None
+        reply = await client.negotiate({"max_msg_fds": 4}, minor=0)
+        assert (reply.major, reply.minor) == (0, 0)
+        assert client.server is not None
+        assert client.server.offered == {"max_msg_fds"}
+        assert (await client.get_device_info()).num_irqs == 5

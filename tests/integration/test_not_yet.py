@@ -1,0 +1,68 @@
+"""Commands whose capability lands later are refused cleanly: ENOTSUP, the fds that
+came with them closed, and the connection goes on. The client's methods for them
+already build well-formed requests."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from muser import Client, VfioUserError
+from muser.wire.constants import Command, DmaMapFlag, FeatureFlag, IrqSetFlag
+from tests.helpers import open_fds
+
+Call = Callable[[Client, list[int]], Awaitable[Any]]
+
+
+def calls() -> list[tuple[Command, Call]]:
+    return [
+        (
+            Command.DMA_MAP,
+            lambda c, fds: c.dma_map(
+                0x10000, 0x1000, fd=fds[0], offset=0x1000, flags=DmaMapFlag.READ
+            ),
+        ),
+        (Command.DMA_UNMAP, lambda c, _: c.dma_unmap(0x10000, 0x1000)),
+        (Command.DEVICE_GET_IRQ_INFO, lambda c, _: c.get_irq_info(0)),
+        (
+            Command.DEVICE_SET_IRQS,
+            lambda c, fds: c.set_irqs(
+                2, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER, 0, 2, fds=fds
+            ),
+        ),
+        (
+            Command.DEVICE_SET_IRQS,
+            lambda c, _: c.set_irqs(
+                1, IrqSetFlag.DATA_BOOL | IrqSetFlag.ACTION_MASK, 0, 2, data=b"\1\0"
+            ),
+        ),
+        (Command.DEVICE_GET_REGION_IO_FDS, lambda c, _: c.get_region_io_fds(0)),
+        (Command.DEVICE_FEATURE, lambda c, _: c.device_feature(FeatureFlag.GET | 1, bytes(8))),
+        (Command.MIG_DATA_READ, lambda c, _: c.mig_data_read(4096)),
+        (Command.MIG_DATA_WRITE, lambda c, _: c.mig_data_write(b"state")),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("command", "call"), calls(), ids=lambda value: getattr(value, "name", "")
+)
+async def test_refused_with_enotsup(client: Client, command: Command, call: Call) -> None:
+    before = open_fds()
+    fds = [os.memfd_create("guest-ram"), os.eventfd(0)]
+    with pytest.raises(VfioUserError) as caught:
+        await call(client, fds)
+    for fd in fds:
+        os.close(fd)
+    assert caught.value.errno == errno.ENOTSUP
+    assert str(caught.value).startswith(f"{command.name} failed")
+    assert await client.region_read(7, 0, 2) == b"\xf4\x1a"
+    assert open_fds() == before
+
+
+async def test_posted_write_multi_is_dropped_silently(client: Client) -> None:
+    await client.region_write_multi([(0, 0, b"ab"), (0, 8, b"cdefghij")])
+    assert await client.region_read(0, 0, 2) == b"\0\0"
