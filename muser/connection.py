@@ -13,8 +13,7 @@ import errno
 import inspect
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from muser.device import PciDevice, ResetReason
@@ -66,15 +65,8 @@ NOT_YET_SUPPORTED = (
 """Commands muser knows but does not serve yet: answered ENOTSUP, fds closed."""
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A reply payload that comes with file descriptors (owned by the sender)."""
-
-    payload: bytes
-    fds: Sequence[int] = ()
-
-
-Outcome = Layout | Reply | None
+Outcome = Layout | None
+"""What a handler answers: a reply payload, or None for a header-only reply."""
 Handler = Callable[[Frame], Outcome | Awaitable[Outcome]]
 
 
@@ -130,7 +122,7 @@ class ServerConnection(Endpoint):
         """A reply to nothing we asked: its bytes are already skipped; say EINVAL, as
         libvfio-user does, and keep serving."""
         super()._unexpected_reply(frame)
-        self._send_reply(frame, FLAGS_ERROR_REPLY, b"", (), errno.EINVAL)
+        self._send_reply(frame, FLAGS_ERROR_REPLY, error=errno.EINVAL)
 
     def _stream_broken(self) -> None:
         """Answer what came before the bad bytes, then close."""
@@ -152,6 +144,8 @@ class ServerConnection(Endpoint):
                 self._continue_after(self._finish(frame, pending))
                 return
             if self._closing and not self.negotiated:
+                # A failed negotiation ends the session at once; a stream broken after
+                # negotiation first answers the commands that came before the damage.
                 break
         self._busy = False
         self._drop_queue()
@@ -207,19 +201,13 @@ class ServerConnection(Endpoint):
     def _reply(self, frame: Frame, outcome: Outcome) -> None:
         if frame.no_reply:
             return
-        fds: Sequence[int] = ()
-        if outcome is None:
-            payload = b""
-        elif isinstance(outcome, Reply):
-            payload, fds = outcome.payload, outcome.fds
-        else:
-            payload = outcome.build()
-        self._send_reply(frame, FLAGS_REPLY, payload, fds)
+        payload = b"" if outcome is None else outcome.build()
+        self._send_reply(frame, FLAGS_REPLY, payload)
 
     def _reply_error(self, frame: Frame, exc: Exception) -> None:
         if isinstance(exc, VfioUserError):
             code = exc.errno
-            self.log.info(
+            self.log.debug(
                 "command refused",
                 msg_id=frame.msg_id,
                 command=command_name(frame.command),
@@ -235,13 +223,11 @@ class ServerConnection(Endpoint):
                 exc_info=exc,
             )
         if not frame.no_reply:
-            self._send_reply(frame, FLAGS_ERROR_REPLY, b"", (), code)
+            self._send_reply(frame, FLAGS_ERROR_REPLY, error=code)
 
-    def _send_reply(
-        self, frame: Frame, flags: int, payload: bytes, fds: Sequence[int], error: int = 0
-    ) -> None:
+    def _send_reply(self, frame: Frame, flags: int, payload: bytes = b"", error: int = 0) -> None:
         try:
-            self.send(frame.msg_id, frame.command, flags, payload, fds, error=error)
+            self.send(frame.msg_id, frame.command, flags, payload, error=error)
         except ConnectionClosedError:
             return
 
@@ -257,7 +243,7 @@ class ServerConnection(Endpoint):
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         try:
-            result = self.device.reset(ResetReason.LOST_CONNECTION)
+            result = self.device.handle_reset(ResetReason.LOST_CONNECTION)
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:
@@ -375,8 +361,7 @@ class ServerConnection(Endpoint):
     def _device_reset(self, frame: Frame) -> Outcome | Awaitable[Outcome]:
         Empty.parse(frame.payload)
         self.log.info("device reset")
-        self.device.config.reset()
-        done = self.device.reset(ResetReason.DEVICE_RESET)
+        done = self.device.handle_reset(ResetReason.DEVICE_RESET)
         if done is not None:
             return self._after(done, None)
         return None

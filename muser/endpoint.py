@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +29,7 @@ def debug_enabled(logger: Any) -> bool:
     for name in ("is_enabled_for", "isEnabledFor"):
         check = getattr(logger, name, None)
         if check is not None:
-            return bool(check(10))
+            return bool(check(logging.DEBUG))
     return True
 
 

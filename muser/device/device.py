@@ -75,6 +75,13 @@ class PciDevice:
         """
         return None
 
+    def handle_reset(self, reason: ResetReason) -> Awaitable[None] | None:
+        """What muser does on a reset: a DEVICE_RESET puts config space back to its
+        power-on values; then the device's own `reset` hook runs."""
+        if reason is ResetReason.DEVICE_RESET:
+            self.config.reset()
+        return self.reset(reason)
+
     def region_flags_and_size(self, index: int) -> tuple[RegionFlag, int]:
         """What DEVICE_GET_REGION_INFO reports; size 0 means the region does not exist."""
         if index == PciRegion.CONFIG:
