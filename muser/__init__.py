@@ -6,17 +6,36 @@ speaks the protocol from the other side, for tests and tools.
 """
 
 from muser.client import Client
-from muser.device import Bar, PciDevice, ResetReason
+from muser.device import Bar, ConfigRegisters, PciDevice, ResetReason
 from muser.errors import ConnectionClosedError, ProtocolError, VfioUserError
+from muser.pci import (
+    DeviceSerialNumber,
+    Msi,
+    MsiX,
+    PcieType,
+    PciExpress,
+    PowerManagement,
+    VendorSpecific,
+    VendorSpecificExtended,
+)
 from muser.server import Server
 
 __all__ = [
     "Bar",
     "Client",
+    "ConfigRegisters",
     "ConnectionClosedError",
+    "DeviceSerialNumber",
+    "Msi",
+    "MsiX",
     "PciDevice",
+    "PciExpress",
+    "PcieType",
+    "PowerManagement",
     "ProtocolError",
     "ResetReason",
     "Server",
+    "VendorSpecific",
+    "VendorSpecificExtended",
     "VfioUserError",
 ]

@@ -5,16 +5,16 @@ device with these IDs in `lspci`, and no driver binds to it. Run it with
 
     python -m muser.run null --socket /tmp/null.sock
 
-The IDs are those of libvfio-user's null sample (vendor 0x494f "IO", device
-0x0dc8); its class code says "unclassified device".
+The IDs are those of libvfio-user's null sample (vendor 0x4e58, device 0), which
+no driver claims; the class code says "unassigned class".
 """
 
 from __future__ import annotations
 
 import muser
 
-VENDOR_ID = 0x494F
-DEVICE_ID = 0x0DC8
+VENDOR_ID = 0x4E58
+DEVICE_ID = 0x0000
 CLASS_UNCLASSIFIED = 0xFF0000
 
 

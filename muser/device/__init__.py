@@ -1,6 +1,14 @@
 """The device model: PCI devices, their BARs and regions."""
 
-from muser.device.bar import Bar, ReadHandler, WriteHandler
-from muser.device.device import PciDevice, ResetReason
+from muser.device.device import ConfigWatcher, PciDevice, ResetReason
+from muser.device.regions import Bar, ConfigRegisters, ReadHandler, WriteHandler
 
-__all__ = ["Bar", "PciDevice", "ReadHandler", "ResetReason", "WriteHandler"]
+__all__ = [
+    "Bar",
+    "ConfigRegisters",
+    "ConfigWatcher",
+    "PciDevice",
+    "ReadHandler",
+    "ResetReason",
+    "WriteHandler",
+]

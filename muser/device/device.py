@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from enum import Enum
 from types import MappingProxyType
 
-from muser.device.bar import Bar
+from muser.device.regions import Bar, ConfigRegisters
 from muser.errors import VfioUserError
-from muser.pci.config import ConfigSpace
+from muser.pci.capabilities import Capability, ExtendedCapability, MsiX
+from muser.pci.config import HEADER_SIZE, ConfigSpace, rom_size_for
 from muser.wire.constants import PCI_NUM_IRQS, PCI_NUM_REGIONS, PciRegion, RegionFlag
 
 NUM_BARS = 6
+INTERRUPT_PIN_INTA = 1
+
+ConfigWatcher = Callable[[int, int], Awaitable[None] | None]
+"""`watcher(old, new)`: a watched config register changed; may be `async def`."""
 
 
 class ResetReason(Enum):
@@ -20,12 +25,25 @@ class ResetReason(Enum):
 
     DEVICE_RESET = "device reset"
     """The client sent DEVICE_RESET (a VM reset); config space is back at power-on."""
+    FLR = "function level reset"
+    """The guest set Initiate FLR in the PCI Express capability; config space is back
+    at power-on."""
     LOST_CONNECTION = "lost connection"
     """The client went away; device state is kept for the next client."""
 
 
+async def _await_in_order(pending: list[Awaitable[None]]) -> None:
+    for awaitable in pending:
+        await awaitable
+
+
+async def _join_when_read(pieces: list[bytes | Awaitable[bytes]]) -> bytes:
+    return b"".join([piece if isinstance(piece, bytes) else await piece for piece in pieces])
+
+
 class PciDevice:
-    """A PCI device: identity, BARs and config space. Subclass it, or build one directly.
+    """A PCI device: identity, BARs, expansion ROM, capabilities and config space.
+    Subclass it, or build one directly.
 
     The device outlives connections: one client at a time drives it, and when a
     client leaves, registers and config space keep their values.
@@ -44,16 +62,23 @@ class PciDevice:
         revision: int = 0,
         class_code: int = 0,
         bars: Mapping[int, Bar] | None = None,
+        rom: bytes | None = None,
+        intx: bool = False,
+        capabilities: Sequence[Capability] = (),
+        extended_capabilities: Sequence[ExtendedCapability] = (),
+        config_registers: Sequence[ConfigRegisters] = (),
         name: str | None = None,
     ) -> None:
         self.name = name or type(self).__name__
         self.bars: Mapping[int, Bar] = MappingProxyType(dict(bars or {}))
         """The BARs by index, fixed once the device is built."""
-        for index, bar in self.bars.items():
-            if not 0 <= index < NUM_BARS:
-                raise ValueError(f"BAR index {index} is not 0…5")
-            if bar.is_64bit and (index == NUM_BARS - 1 or index + 1 in self.bars):
-                raise ValueError(f"64-bit BAR{index} needs BAR{index + 1} free for its upper half")
+        self._check_bars()
+        self.rom: bytes | None = None
+        """The expansion ROM (region 6), padded to its BAR size; None without one."""
+        if rom:
+            self.rom = rom.ljust(rom_size_for(len(rom)), b"\0")
+        self._claims = sorted(config_registers, key=lambda claim: claim.offset)
+        self._check_claims()
         self.config = ConfigSpace(
             vendor_id=vendor_id,
             device_id=device_id,
@@ -62,23 +87,76 @@ class PciDevice:
             revision=revision,
             class_code=class_code,
             bars=self.bars,
+            rom_size=len(self.rom or b""),
+            interrupt_pin=INTERRUPT_PIN_INTA if intx else 0,
+            capabilities=capabilities,
+            extended_capabilities=extended_capabilities,
+            reserved=[claim.span for claim in self._claims],
         )
+        if self._claims and self._claims[-1].span.stop > self.config.size:
+            raise ValueError("config registers lie beyond config space")
+        for capability in capabilities:
+            if isinstance(capability, MsiX):
+                self._check_msix(capability)
+        self._watchers: list[tuple[range, ConfigWatcher]] = []
         self._region_sizes = tuple(
             self.region_flags_and_size(index)[1] for index in range(self.num_regions)
         )
 
+    def _check_bars(self) -> None:
+        for index, bar in self.bars.items():
+            if not 0 <= index < NUM_BARS:
+                raise ValueError(f"BAR index {index} is not 0…5")
+            if bar.is_64bit and (index == NUM_BARS - 1 or index + 1 in self.bars):
+                raise ValueError(f"64-bit BAR{index} needs BAR{index + 1} free for its upper half")
+
+    def _check_claims(self) -> None:
+        previous_stop = HEADER_SIZE
+        for claim in self._claims:
+            if claim.offset < previous_stop:
+                raise ValueError(
+                    f"config registers at {claim.offset:#x} overlap the header "
+                    "or other config registers"
+                )
+            previous_stop = claim.span.stop
+
+    def _check_msix(self, msix: MsiX) -> None:
+        for name, index, offset, size in (
+            ("table", msix.table_bar, msix.table_offset, msix.table_bytes),
+            ("PBA", msix.pba_bar, msix.pba_offset, msix.pba_bytes),
+        ):
+            bar = self.bars.get(index)
+            if bar is None or bar.io:
+                raise ValueError(f"the MSI-X {name} needs memory BAR{index}")
+            if offset + size > bar.size:
+                raise ValueError(f"the MSI-X {name} runs past the end of BAR{index}")
+        same_bar = msix.table_bar == msix.pba_bar
+        table = range(msix.table_offset, msix.table_offset + msix.table_bytes)
+        if (
+            same_bar
+            and msix.pba_offset < table.stop
+            and table.start < (msix.pba_offset + msix.pba_bytes)
+        ):
+            raise ValueError("the MSI-X table and PBA overlap")
+
+    def watch_config(self, offset: int, size: int, watcher: ConfigWatcher) -> None:
+        """Call `watcher(old, new)` after a guest write changes the `size`-byte register
+        at `offset` (e.g. Command, MSI Message Control, PMCSR)."""
+        self.config.check(offset, size)
+        self._watchers.append((range(offset, offset + size), watcher))
+
     def reset(self, reason: ResetReason) -> Awaitable[None] | None:
         """Override to put the device's own registers back to their power-on state.
 
-        May be `async def`. Called after config space was reset (DEVICE_RESET), or
-        when the client's connection is lost.
+        May be `async def`. Called after config space was reset (DEVICE_RESET, FLR),
+        or when the client's connection is lost.
         """
         return None
 
     def handle_reset(self, reason: ResetReason) -> Awaitable[None] | None:
-        """What muser does on a reset: a DEVICE_RESET puts config space back to its
-        power-on values; then the device's own `reset` hook runs."""
-        if reason is ResetReason.DEVICE_RESET:
+        """What muser does on a reset: DEVICE_RESET and FLR put config space back to
+        its power-on values; then the device's own `reset` hook runs."""
+        if reason is not ResetReason.LOST_CONNECTION:
             self.config.reset()
         return self.reset(reason)
 
@@ -86,6 +164,8 @@ class PciDevice:
         """What DEVICE_GET_REGION_INFO reports; size 0 means the region does not exist."""
         if index == PciRegion.CONFIG:
             return RegionFlag.READ | RegionFlag.WRITE, self.config.size
+        if index == PciRegion.ROM:
+            return (RegionFlag.READ, len(self.rom)) if self.rom else (RegionFlag(0), 0)
         bar = self.bars.get(index)
         if bar is None:
             return RegionFlag(0), 0
@@ -103,7 +183,9 @@ class PciDevice:
     def read_region(self, index: int, offset: int, count: int) -> bytes | Awaitable[bytes]:
         """A client read, already checked against the region's bounds."""
         if index == PciRegion.CONFIG:
-            return self.config.read(offset, count)
+            return self.read_config(offset, count)
+        if index == PciRegion.ROM and self.rom:
+            return self.rom[offset : offset + count]
         bar = self.bars.get(index)
         if bar is None or bar.read is None:
             raise VfioUserError(errno.EINVAL, f"region {index} is not readable")
@@ -112,9 +194,76 @@ class PciDevice:
     def write_region(self, index: int, offset: int, data: bytes) -> Awaitable[None] | None:
         """A client write, already checked against the region's bounds."""
         if index == PciRegion.CONFIG:
-            self.config.write(offset, data)
-            return None
+            return self.write_config(offset, data)
         bar = self.bars.get(index)
         if bar is None or bar.write is None:
             raise VfioUserError(errno.EINVAL, f"region {index} is not writable")
         return bar.write(offset, data)
+
+    def _config_segments(
+        self, offset: int, count: int
+    ) -> list[tuple[int, int, ConfigRegisters | None]]:
+        """Split an access at the edges of device-served config registers."""
+        end = offset + count
+        segments: list[tuple[int, int, ConfigRegisters | None]] = []
+        position = offset
+        for claim in self._claims:
+            if claim.span.stop <= position or claim.offset >= end:
+                continue
+            if claim.offset > position:
+                segments.append((position, claim.offset, None))
+            stop = min(end, claim.span.stop)
+            segments.append((max(position, claim.offset), stop, claim))
+            position = stop
+        if position < end:
+            segments.append((position, end, None))
+        return segments
+
+    def read_config(self, offset: int, count: int) -> bytes | Awaitable[bytes]:
+        """A guest read of config space, from the emulated bytes or the device's own
+        config registers."""
+        self.config.check(offset, count)
+        if not self._claims:
+            return self.config.read(offset, count)
+        pieces: list[bytes | Awaitable[bytes]] = []
+        for start, stop, claim in self._config_segments(offset, count):
+            if claim is None:
+                pieces.append(self.config.read(start, stop - start))
+            else:
+                pieces.append(claim.read(start - claim.offset, stop - start))
+        if all(isinstance(piece, bytes) for piece in pieces):
+            return b"".join(pieces)  # type: ignore[arg-type]
+        return _join_when_read(pieces)
+
+    def write_config(self, offset: int, data: bytes) -> Awaitable[None] | None:
+        """A guest write of config space: emulated registers take it by their access
+        rules, the device's config registers get it, watchers hear of changes, and
+        Initiate FLR resets the function."""
+        self.config.check(offset, len(data))
+        end = offset + len(data)
+        watched = [
+            (span, watcher, self.config.register(span.start, len(span)))
+            for span, watcher in self._watchers
+            if span.start < end and offset < span.stop
+        ]
+        pending: list[Awaitable[None]] = []
+        flr = False
+        for start, stop, claim in self._config_segments(offset, len(data)):
+            piece = data[start - offset : stop - offset]
+            if claim is None:
+                flr |= self.config.write(start, piece)
+            else:
+                done = claim.write(start - claim.offset, piece)
+                if done is not None:
+                    pending.append(done)
+        for span, watcher, old in watched:
+            new = self.config.register(span.start, len(span))
+            if new != old:
+                done = watcher(old, new)
+                if done is not None:
+                    pending.append(done)
+        if flr:
+            done = self.handle_reset(ResetReason.FLR)
+            if done is not None:
+                pending.append(done)
+        return _await_in_order(pending) if pending else None

@@ -1,0 +1,34 @@
+"""PCI configuration space and capabilities."""
+
+from muser.pci.capabilities import (
+    Capability,
+    DeviceSerialNumber,
+    ExtendedCapability,
+    Msi,
+    MsiX,
+    PcieType,
+    PciExpress,
+    PowerManagement,
+    PowerState,
+    VendorSpecific,
+    VendorSpecificExtended,
+)
+from muser.pci.config import Command, ConfigSpace, Reg, Status
+
+__all__ = [
+    "Capability",
+    "Command",
+    "ConfigSpace",
+    "DeviceSerialNumber",
+    "ExtendedCapability",
+    "Msi",
+    "MsiX",
+    "PciExpress",
+    "PcieType",
+    "PowerManagement",
+    "PowerState",
+    "Reg",
+    "Status",
+    "VendorSpecific",
+    "VendorSpecificExtended",
+]

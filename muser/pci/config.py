@@ -1,23 +1,33 @@
-"""A type-0 PCI configuration space with per-bit access masks (protocol.md §6.2, §6.3).
+"""A type-0 PCI configuration space with per-bit access rules (protocol.md §6).
 
 Every byte has a write mask (bits software may set) and a write-1-to-clear mask,
-so accesses of any size at any offset behave as hardware does: writes to read-only
-bits are ignored without error, and BAR sizing falls out of the masks.
+so accesses of any size at any offset behave as hardware does: writes to
+read-only bits are ignored without error, and BAR sizing falls out of the masks.
+Capabilities are placed and chained here; rules that masks can't express
+(MSI's Multiple Message Enable, PM power states, FLR) are each capability's
+`after_write`.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from enum import IntEnum, IntFlag
 from typing import TYPE_CHECKING
 
 from muser.errors import VfioUserError
+from muser.pci.capabilities import Capability, ExtendedCapability, Image, PciExpress
 
 if TYPE_CHECKING:
-    from muser.device.bar import Bar
+    from muser.device.regions import Bar
 
 CONFIG_SPACE_SIZE = 256
+PCIE_CONFIG_SPACE_SIZE = 4096
+HEADER_SIZE = 0x40
+FIRST_EXTENDED_CAPABILITY = 0x100
+MIN_ROM_SIZE = 2048
+ROM_ENABLE = 0x1
+ROM_ADDRESS_MASK = 0xFFFFF800
 
 
 class Reg(IntEnum):
@@ -90,9 +100,55 @@ _COMMAND_WRITABLE = (
     | Command.INTX_DISABLE
 )
 
+AnyCapability = Capability | ExtendedCapability
+
+
+def rom_size_for(length: int) -> int:
+    """The ROM BAR size for a ROM image: a power of two, at least 2 KiB."""
+    return max(MIN_ROM_SIZE, 1 << (length - 1).bit_length())
+
+
+def _place(
+    items: Sequence[AnyCapability], start: int, end: int, reserved: list[range], what: str
+) -> list[int]:
+    """Offsets for `items`: pinned ones where asked, the rest each after the previous
+    one, dword aligned, never overlapping each other or `reserved`."""
+    taken = list(reserved)
+    offsets: list[int | None] = [None] * len(items)
+
+    def claim(position: int, size: int, name: str) -> None:
+        span = range(position, position + size)
+        if position % 4 or position < start or span.stop > end:
+            raise ValueError(f"{name} at {position:#x} is not a dword in {start:#x}…{end:#x}")
+        if any(span.start < other.stop and other.start < span.stop for other in taken):
+            raise ValueError(f"{name} at {position:#x} overlaps another structure")
+        taken.append(span)
+
+    for index, item in enumerate(items):
+        if item.offset is not None:
+            claim(item.offset, item.size, type(item).__name__)
+            offsets[index] = item.offset
+    cursor = start
+    for index, item in enumerate(items):
+        if item.offset is not None:
+            cursor = item.offset + item.size
+            continue
+        position = -(-cursor // 4) * 4
+        while True:
+            span = range(position, position + item.size)
+            if span.stop > end:
+                raise ValueError(f"no room for {type(item).__name__} in the {what} space")
+            if not any(span.start < other.stop and other.start < span.stop for other in taken):
+                break
+            position += 4
+        claim(position, item.size, type(item).__name__)
+        offsets[index] = position
+        cursor = span.stop
+    return [offset for offset in offsets if offset is not None]
+
 
 class ConfigSpace:
-    """The 256 bytes the guest sees at region 7, with their access rules."""
+    """The bytes the guest sees at region 7, with their access rules."""
 
     def __init__(
         self,
@@ -104,67 +160,141 @@ class ConfigSpace:
         revision: int,
         class_code: int,
         bars: Mapping[int, Bar],
+        rom_size: int,
+        interrupt_pin: int,
+        capabilities: Sequence[Capability],
+        extended_capabilities: Sequence[ExtendedCapability],
+        reserved: Sequence[range] = (),
     ) -> None:
-        self._data = bytearray(CONFIG_SPACE_SIZE)
-        self._writable = bytearray(CONFIG_SPACE_SIZE)
-        self._write_clears = bytearray(CONFIG_SPACE_SIZE)
+        pcie = any(isinstance(capability, PciExpress) for capability in capabilities)
+        if extended_capabilities and not pcie:
+            raise ValueError("extended capabilities need a PciExpress capability")
+        self.size = PCIE_CONFIG_SPACE_SIZE if pcie else CONFIG_SPACE_SIZE
+        self._data = bytearray(self.size)
+        self._writable = bytearray(self.size)
+        self._write_clears = bytearray(self.size)
         self._set(Reg.VENDOR_ID, 2, vendor_id)
         self._set(Reg.DEVICE_ID, 2, device_id)
         self._set(Reg.REVISION_ID, 1, revision)
         self._set(Reg.CLASS_CODE, 3, class_code)
         self._set(Reg.SUBSYSTEM_VENDOR_ID, 2, subsystem_vendor_id)
         self._set(Reg.SUBSYSTEM_ID, 2, subsystem_id)
+        self._set(Reg.INTERRUPT_PIN, 1, interrupt_pin)
         command_writable = _COMMAND_WRITABLE
         if any(bar.io for bar in bars.values()):
             command_writable |= Command.IO_SPACE
-        self._set_mask(self._writable, Reg.COMMAND, 2, command_writable)
-        self._set_mask(self._write_clears, Reg.STATUS, 2, STATUS_WRITE_1_TO_CLEAR)
-        self._set_mask(self._writable, Reg.CACHE_LINE_SIZE, 1, 0xFF)
-        self._set_mask(self._writable, Reg.LATENCY_TIMER, 1, 0xFF)
-        self._set_mask(self._writable, Reg.INTERRUPT_LINE, 1, 0xFF)
+        self._set(Reg.COMMAND, 2, 0, writable=command_writable)
+        self._set(Reg.STATUS, 2, 0, write_clears=STATUS_WRITE_1_TO_CLEAR)
+        self._set(Reg.CACHE_LINE_SIZE, 1, 0, writable=0xFF)
+        self._set(Reg.LATENCY_TIMER, 1, 0, writable=0 if pcie else 0xFF)
+        self._set(Reg.INTERRUPT_LINE, 1, 0, writable=0xFF)
         for index, bar in bars.items():
             register = Reg.BAR0 + 4 * index
-            self._set(register, 4, bar.type_bits)
-            self._set_mask(self._writable, register, 4, bar.address_mask & 0xFFFFFFFF)
+            self._set(register, 4, bar.type_bits, writable=bar.address_mask & 0xFFFFFFFF)
             if bar.is_64bit:
-                self._set_mask(self._writable, register + 4, 4, bar.address_mask >> 32)
+                self._set(register + 4, 4, 0, writable=bar.address_mask >> 32)
+        if rom_size:
+            self._set(
+                Reg.ROM_ADDRESS, 4, 0, writable=(~(rom_size - 1) & ROM_ADDRESS_MASK) | ROM_ENABLE
+            )
+        self._placed: list[tuple[AnyCapability, int]] = []
+        self._chain(capabilities, extended_capabilities, list(reserved))
         self._power_on = bytes(self._data)
 
-    def _set(self, offset: int, size: int, value: int) -> None:
-        self._data[offset : offset + size] = value.to_bytes(size, "little")
+    def _set(
+        self, offset: int, size: int, value: int, *, writable: int = 0, write_clears: int = 0
+    ) -> None:
+        end = offset + size
+        self._data[offset:end] = value.to_bytes(size, "little")
+        self._writable[offset:end] = writable.to_bytes(size, "little")
+        self._write_clears[offset:end] = write_clears.to_bytes(size, "little")
 
-    @staticmethod
-    def _set_mask(mask: bytearray, offset: int, size: int, value: int) -> None:
-        mask[offset : offset + size] = value.to_bytes(size, "little")
+    def _install(self, image: Image, offset: int) -> None:
+        end = offset + len(image.data)
+        self._data[offset:end] = image.data
+        self._writable[offset:end] = image.writable
+        self._write_clears[offset:end] = image.write_clears
+
+    def _chain(
+        self,
+        capabilities: Sequence[Capability],
+        extended: Sequence[ExtendedCapability],
+        reserved: list[range],
+    ) -> None:
+        offsets = _place(capabilities, HEADER_SIZE, CONFIG_SPACE_SIZE, reserved, "standard")
+        for index, (capability, offset) in enumerate(zip(capabilities, offsets, strict=True)):
+            self._install(capability.image(), offset)
+            following = offsets[index + 1] if index + 1 < len(offsets) else 0
+            self._data[offset + 1] = following
+            self._placed.append((capability, offset))
+        if offsets:
+            self._data[Reg.CAPABILITIES_POINTER] = offsets[0]
+            self._data[Reg.STATUS] |= Status.CAPABILITIES_LIST
+        ext_offsets = _place(extended, FIRST_EXTENDED_CAPABILITY, self.size, reserved, "extended")
+        if ext_offsets and ext_offsets[0] != FIRST_EXTENDED_CAPABILITY:
+            raise ValueError("the first extended capability must sit at 0x100")
+        for index, (extended_capability, offset) in enumerate(
+            zip(extended, ext_offsets, strict=True)
+        ):
+            self._install(extended_capability.image(), offset)
+            following = ext_offsets[index + 1] if index + 1 < len(ext_offsets) else 0
+            self.set_register(offset, 4, extended_capability.header() | following << 20)
+            self._placed.append((extended_capability, offset))
 
     @property
-    def size(self) -> int:
-        return CONFIG_SPACE_SIZE
+    def capabilities(self) -> list[tuple[AnyCapability, int]]:
+        """Every placed capability with its offset, standard ones first, in chain order."""
+        return list(self._placed)
+
+    def offset_of(self, capability: AnyCapability) -> int:
+        for placed, offset in self._placed:
+            if placed is capability:
+                return offset
+        raise KeyError(f"{capability!r} is not part of this config space")
 
     def register(self, offset: int, size: int) -> int:
         """A register's current value, as device code reads it (e.g. a programmed BAR)."""
         return int.from_bytes(self._data[offset : offset + size], "little")
 
+    def set_register(self, offset: int, size: int, value: int) -> None:
+        """Set a register from the device side, whatever its guest access rules
+        (e.g. a status bit the device raises)."""
+        self._data[offset : offset + size] = value.to_bytes(size, "little")
+
     def read(self, offset: int, count: int) -> bytes:
-        self._check(offset, count)
+        self.check(offset, count)
         return bytes(self._data[offset : offset + count])
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes) -> bool:
         """Apply a guest write: writable bits take the new value, write-1-to-clear bits
-        clear where a 1 is written, everything else keeps its value."""
-        self._check(offset, len(data))
+        clear where a 1 is written, everything else keeps its value. Returns whether
+        the write asked for a function-level reset."""
+        self.check(offset, len(data))
+        touched = [
+            (capability, base, self.read(base, capability.size))
+            for capability, base in self._overlapping(offset, len(data))
+        ]
         for position, value in enumerate(data, offset):
             writable = self._writable[position]
             clears = self._write_clears[position]
-            if not writable | clears:
-                continue
-            old = self._data[position]
-            self._data[position] = ((old & ~writable) | (value & writable)) & ~(value & clears)
+            if writable | clears:
+                old = self._data[position]
+                self._data[position] = ((old & ~writable) | (value & writable)) & ~(value & clears)
+        reset = False
+        for capability, base, before in touched:
+            if isinstance(capability, Capability):
+                reset |= capability.after_write(self, base, before, offset, data)
+        return reset
+
+    def _overlapping(self, offset: int, count: int) -> Iterator[tuple[AnyCapability, int]]:
+        for capability, base in self._placed:
+            if offset < base + capability.size and base < offset + count:
+                yield capability, base
 
     def reset(self) -> None:
-        """Back to power-on values (DEVICE_RESET)."""
+        """Back to power-on values (DEVICE_RESET, FLR)."""
         self._data[:] = self._power_on
 
-    def _check(self, offset: int, count: int) -> None:
-        if offset < 0 or count < 0 or offset + count > CONFIG_SPACE_SIZE:
+    def check(self, offset: int, count: int) -> None:
+        if offset < 0 or count < 0 or offset + count > self.size:
             raise VfioUserError(errno.EINVAL, "access outside config space")

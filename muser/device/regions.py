@@ -1,4 +1,5 @@
-"""Base Address Registers: a region's size and type, and who handles its accesses."""
+"""What a device exposes to the guest and who handles the accesses: BARs, and
+ranges of config space that device code serves itself."""
 
 from __future__ import annotations
 
@@ -56,3 +57,23 @@ class Bar:
         width = 0xFFFFFFFFFFFFFFFF if self.is_64bit else 0xFFFFFFFF
         low_bits = 0x3 if self.io else 0xF
         return ~(self.size - 1) & width & ~low_bits
+
+
+@dataclass(frozen=True)
+class ConfigRegisters:
+    """A range of config space the device serves with its own handlers (device-specific
+    registers). Offsets passed to the handlers are relative to `offset`. The range
+    may not overlap the 64-byte header or a capability."""
+
+    offset: int
+    size: int
+    read: ReadHandler
+    write: WriteHandler
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.offset < 0:
+            raise ValueError("config registers need a positive size and offset")
+
+    @property
+    def span(self) -> range:
+        return range(self.offset, self.offset + self.size)
