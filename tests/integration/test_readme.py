@@ -38,5 +38,11 @@ def test_readme_capabilities() -> None:
     device = readme_example("capabilities=[")["device"]
     assert device.config.size == 4096
     assert [offset for _, offset in device.config.capabilities] == [
-        0x40, 0x48, 0x60, 0x6C, 0xA8, 0x100]
+        0x40,
+        0x48,
+        0x60,
+        0x6C,
+        0xA8,
+        0x100,
+    ]
     assert device.region_flags_and_size(6)[1] == 2048
