@@ -20,7 +20,14 @@ from muser.device import PciDevice, ResetReason
 from muser.endpoint import Endpoint, command_name
 from muser.errors import ConnectionClosedError, ProtocolError, VfioUserError
 from muser.transport import WRITE_HIGH_WATER
-from muser.wire import Capabilities, Frame, Layout, build_capabilities, parse_capabilities
+from muser.wire import (
+    Capabilities,
+    Frame,
+    Layout,
+    build_capabilities,
+    close_fds,
+    parse_capabilities,
+)
 from muser.wire.constants import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     DEFAULT_PGSIZES,
@@ -35,6 +42,8 @@ from muser.wire.constants import (
 from muser.wire.messages import (
     DeviceInfo,
     Empty,
+    IrqInfo,
+    IrqSet,
     RegionAccess,
     RegionData,
     RegionInfo,
@@ -55,8 +64,6 @@ NOT_YET_SUPPORTED = (
     Command.DMA_MAP,
     Command.DMA_UNMAP,
     Command.DEVICE_GET_REGION_IO_FDS,
-    Command.DEVICE_GET_IRQ_INFO,
-    Command.DEVICE_SET_IRQS,
     Command.REGION_WRITE_MULTI,
     Command.DEVICE_FEATURE,
     Command.MIG_DATA_READ,
@@ -100,6 +107,8 @@ class ServerConnection(Endpoint):
             Command.REGION_READ: self._region_read,
             Command.REGION_WRITE: self._region_write,
             Command.DEVICE_RESET: self._device_reset,
+            Command.DEVICE_GET_IRQ_INFO: self._irq_info,
+            Command.DEVICE_SET_IRQS: self._set_irqs,
         }
         for command in NOT_YET_SUPPORTED:
             self._handlers[command] = self._not_supported
@@ -313,6 +322,24 @@ class ServerConnection(Endpoint):
             raise ProtocolError(f"region {request.index} does not exist")
         flags, size = self.device.region_flags_and_size(request.index)
         return RegionInfo(RegionInfo.SIZE, flags, request.index, 0, size, 0, b"")
+
+    def _irq_info(self, frame: Frame) -> IrqInfo:
+        request = IrqInfo.parse(frame.payload)
+        if request.argsz < IrqInfo.SIZE:
+            raise ProtocolError(f"GET_IRQ_INFO argsz {request.argsz} is too small")
+        if request.index >= self.device.num_irqs:
+            raise ProtocolError(f"IRQ index {request.index} does not exist")
+        irq = self.device.irqs[request.index]
+        return IrqInfo(IrqInfo.SIZE, irq.info_flags, request.index, irq.count)
+
+    def _set_irqs(self, frame: Frame) -> None:
+        fds = frame.take_fds()
+        try:
+            request = IrqSet.parse(frame.payload)
+        except ProtocolError:
+            close_fds(fds)
+            raise
+        self.device.irqs.set_irqs(request, fds)
 
     def _check_access(self, region: int, offset: int, count: int) -> None:
         if region >= self.device.num_regions:

@@ -55,6 +55,7 @@ class RecordingDevice(PciDevice):
             revision=0x02,
             class_code=0xFF0000,
             name=name,
+            intx=True,
             bars={
                 0: Bar(4096, read=self.read_memory, write=self.write_memory),
                 1: Bar(16, read=self.refuse, write=self.crash_async),

@@ -6,11 +6,13 @@ import errno
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from enum import Enum
 from types import MappingProxyType
+from typing import TypeVar
 
+from muser.device.irq import Interrupts
 from muser.device.regions import Bar, ConfigRegisters
 from muser.errors import VfioUserError
-from muser.pci.capabilities import Capability, ExtendedCapability, MsiX
-from muser.pci.config import HEADER_SIZE, ConfigSpace, rom_size_for
+from muser.pci.capabilities import Capability, ExtendedCapability, Msi, MsiX
+from muser.pci.config import HEADER_SIZE, ConfigSpace, Reg, rom_size_for
 from muser.wire.constants import PCI_NUM_IRQS, PCI_NUM_REGIONS, PciRegion, RegionFlag
 
 NUM_BARS = 6
@@ -32,6 +34,30 @@ class ResetReason(Enum):
     """The client went away; device state is kept for the next client."""
 
 
+_Claim = TypeVar("_Claim")
+
+
+def split_access(
+    offset: int, count: int, claims: Sequence[tuple[range, _Claim]]
+) -> list[tuple[int, int, _Claim | None]]:
+    """Split an access at the edges of claimed ranges (sorted, disjoint): each piece
+    is (start, stop, the claim or None)."""
+    end = offset + count
+    pieces: list[tuple[int, int, _Claim | None]] = []
+    position = offset
+    for span, claim in claims:
+        if span.stop <= position or span.start >= end:
+            continue
+        if span.start > position:
+            pieces.append((position, span.start, None))
+        stop = min(end, span.stop)
+        pieces.append((max(position, span.start), stop, claim))
+        position = stop
+    if position < end:
+        pieces.append((position, end, None))
+    return pieces
+
+
 async def _await_in_order(pending: list[Awaitable[None]]) -> None:
     for awaitable in pending:
         await awaitable
@@ -39,6 +65,13 @@ async def _await_in_order(pending: list[Awaitable[None]]) -> None:
 
 async def _join_when_read(pieces: list[bytes | Awaitable[bytes]]) -> bytes:
     return b"".join([piece if isinstance(piece, bytes) else await piece for piece in pieces])
+
+
+def _joined(pieces: list[bytes | Awaitable[bytes]]) -> bytes | Awaitable[bytes]:
+    """The pieces of a split read, joined now if none has to be awaited."""
+    if all(isinstance(piece, bytes) for piece in pieces):
+        return b"".join(pieces)  # type: ignore[arg-type]
+    return _join_when_read(pieces)
 
 
 class PciDevice:
@@ -67,6 +100,8 @@ class PciDevice:
         capabilities: Sequence[Capability] = (),
         extended_capabilities: Sequence[ExtendedCapability] = (),
         config_registers: Sequence[ConfigRegisters] = (),
+        err_irq: bool = True,
+        req_irq: bool = True,
         name: str | None = None,
     ) -> None:
         self.name = name or type(self).__name__
@@ -79,6 +114,7 @@ class PciDevice:
             self.rom = rom.ljust(rom_size_for(len(rom)), b"\0")
         self._claims = sorted(config_registers, key=lambda claim: claim.offset)
         self._check_claims()
+        self._claim_spans = [(claim.span, claim) for claim in self._claims]
         self.config = ConfigSpace(
             vendor_id=vendor_id,
             device_id=device_id,
@@ -95,10 +131,26 @@ class PciDevice:
         )
         if self._claims and self._claims[-1].span.stop > self.config.size:
             raise ValueError("config registers lie beyond config space")
-        for capability in capabilities:
-            if isinstance(capability, MsiX):
-                self._check_msix(capability)
+        msi = next((c for c in capabilities if isinstance(c, Msi)), None)
+        msix = next((c for c in capabilities if isinstance(c, MsiX)), None)
+        if msix is not None:
+            self._check_msix(msix)
+        self.irqs = Interrupts(
+            self.config, intx=intx, msi=msi, msix=msix, err=err_irq, req=req_irq
+        )
+        """The device's IRQ indexes: `irqs.intx`, `irqs.msi`, `irqs.msix`, `irqs.err`,
+        `irqs.req`, each with `trigger(vector)`."""
         self._watchers: list[tuple[range, ConfigWatcher]] = []
+        self._emulated_bar_ranges = self._msix_ranges(msix)
+        self.watch_config(Reg.COMMAND, 2, self.irqs.command_changed)
+        if msi is not None:
+            base = self.config.offset_of(msi)
+            self.watch_config(base + Msi.CONTROL, 2, self.irqs.msi_changed)
+            if msi.mask_offset is not None:
+                self.watch_config(base + msi.mask_offset, 4, self.irqs.msi_changed)
+        if msix is not None:
+            control = self.config.offset_of(msix) + MsiX.CONTROL
+            self.watch_config(control, 2, self.irqs.msix_control_changed)
         self._region_sizes = tuple(
             self.region_flags_and_size(index)[1] for index in range(self.num_regions)
         )
@@ -139,6 +191,20 @@ class PciDevice:
         ):
             raise ValueError("the MSI-X table and PBA overlap")
 
+    def _msix_ranges(self, msix: MsiX | None) -> dict[int, list[tuple[range, str]]]:
+        """Per BAR, the ranges muser serves itself: the MSI-X table and PBA."""
+        ranges: dict[int, list[tuple[range, str]]] = {}
+        if msix is not None:
+            ranges.setdefault(msix.table_bar, []).append(
+                (range(msix.table_offset, msix.table_offset + msix.table_bytes), "table")
+            )
+            ranges.setdefault(msix.pba_bar, []).append(
+                (range(msix.pba_offset, msix.pba_offset + msix.pba_bytes), "pba")
+            )
+        for spans in ranges.values():
+            spans.sort(key=lambda item: item[0].start)
+        return ranges
+
     def watch_config(self, offset: int, size: int, watcher: ConfigWatcher) -> None:
         """Call `watcher(old, new)` after a guest write changes the `size`-byte register
         at `offset` (e.g. Command, MSI Message Control, PMCSR)."""
@@ -154,10 +220,14 @@ class PciDevice:
         return None
 
     def handle_reset(self, reason: ResetReason) -> Awaitable[None] | None:
-        """What muser does on a reset: DEVICE_RESET and FLR put config space back to
-        its power-on values; then the device's own `reset` hook runs."""
-        if reason is not ResetReason.LOST_CONNECTION:
+        """What muser does on a reset: DEVICE_RESET and FLR put config space, the MSI-X
+        table and interrupt state back to power-on (the client's eventfds stay); a lost
+        connection closes the client's eventfds. Then the device's `reset` hook runs."""
+        if reason is ResetReason.LOST_CONNECTION:
+            self.irqs.release()
+        else:
             self.config.reset()
+            self.irqs.reset()
         return self.reset(reason)
 
     def region_flags_and_size(self, index: int) -> tuple[RegionFlag, int]:
@@ -170,9 +240,10 @@ class PciDevice:
         if bar is None:
             return RegionFlag(0), 0
         flags = RegionFlag(0)
-        if bar.read is not None:
+        emulated = index in self._emulated_bar_ranges
+        if bar.read is not None or emulated:
             flags |= RegionFlag.READ
-        if bar.write is not None:
+        if bar.write is not None or emulated:
             flags |= RegionFlag.WRITE
         return flags, bar.size
 
@@ -186,38 +257,67 @@ class PciDevice:
             return self.read_config(offset, count)
         if index == PciRegion.ROM and self.rom:
             return self.rom[offset : offset + count]
+        emulated = self._emulated_bar_ranges.get(index)
+        if emulated:
+            return self._read_emulated_bar(index, offset, count, emulated)
+        return self._read_bar(index, offset, count)
+
+    def _read_bar(self, index: int, offset: int, count: int) -> bytes | Awaitable[bytes]:
         bar = self.bars.get(index)
         if bar is None or bar.read is None:
-            raise VfioUserError(errno.EINVAL, f"region {index} is not readable")
+            raise VfioUserError(errno.EINVAL, f"region {index} is not readable there")
         return bar.read(offset, count)
+
+    def _read_emulated_bar(
+        self, index: int, offset: int, count: int, emulated: list[tuple[range, str]]
+    ) -> bytes | Awaitable[bytes]:
+        table = self.irqs.msix_table
+        assert table is not None
+        pieces: list[bytes | Awaitable[bytes]] = []
+        for start, stop, what in split_access(offset, count, emulated):
+            if what == "table":
+                base = table.capability.table_offset
+                pieces.append(table.read(start - base, stop - start))
+            elif what == "pba":
+                base = table.capability.pba_offset
+                pieces.append(self.irqs.pba()[start - base : stop - base])
+            else:
+                pieces.append(self._read_bar(index, start, stop - start))
+        return _joined(pieces)
 
     def write_region(self, index: int, offset: int, data: bytes) -> Awaitable[None] | None:
         """A client write, already checked against the region's bounds."""
         if index == PciRegion.CONFIG:
             return self.write_config(offset, data)
+        emulated = self._emulated_bar_ranges.get(index)
+        if emulated:
+            return self._write_emulated_bar(index, offset, data, emulated)
+        return self._write_bar(index, offset, data)
+
+    def _write_bar(self, index: int, offset: int, data: bytes) -> Awaitable[None] | None:
         bar = self.bars.get(index)
         if bar is None or bar.write is None:
-            raise VfioUserError(errno.EINVAL, f"region {index} is not writable")
+            raise VfioUserError(errno.EINVAL, f"region {index} is not writable there")
         return bar.write(offset, data)
 
-    def _config_segments(
-        self, offset: int, count: int
-    ) -> list[tuple[int, int, ConfigRegisters | None]]:
-        """Split an access at the edges of device-served config registers."""
-        end = offset + count
-        segments: list[tuple[int, int, ConfigRegisters | None]] = []
-        position = offset
-        for claim in self._claims:
-            if claim.span.stop <= position or claim.offset >= end:
-                continue
-            if claim.offset > position:
-                segments.append((position, claim.offset, None))
-            stop = min(end, claim.span.stop)
-            segments.append((max(position, claim.offset), stop, claim))
-            position = stop
-        if position < end:
-            segments.append((position, end, None))
-        return segments
+    def _write_emulated_bar(
+        self, index: int, offset: int, data: bytes, emulated: list[tuple[range, str]]
+    ) -> Awaitable[None] | None:
+        """MSI-X table writes are emulated (unmasking releases pending vectors), PBA
+        writes are ignored as the spec says, the rest goes to the BAR's handler."""
+        table = self.irqs.msix_table
+        assert table is not None
+        pending: list[Awaitable[None]] = []
+        for start, stop, what in split_access(offset, len(data), emulated):
+            piece = data[start - offset : stop - offset]
+            if what == "table":
+                unmasked = table.write(start - table.capability.table_offset, piece)
+                self.irqs.msix_table_unmasked(unmasked)
+            elif what is None:
+                done = self._write_bar(index, start, piece)
+                if done is not None:
+                    pending.append(done)
+        return _await_in_order(pending) if pending else None
 
     def read_config(self, offset: int, count: int) -> bytes | Awaitable[bytes]:
         """A guest read of config space, from the emulated bytes or the device's own
@@ -226,14 +326,12 @@ class PciDevice:
         if not self._claims:
             return self.config.read(offset, count)
         pieces: list[bytes | Awaitable[bytes]] = []
-        for start, stop, claim in self._config_segments(offset, count):
+        for start, stop, claim in split_access(offset, count, self._claim_spans):
             if claim is None:
                 pieces.append(self.config.read(start, stop - start))
             else:
                 pieces.append(claim.read(start - claim.offset, stop - start))
-        if all(isinstance(piece, bytes) for piece in pieces):
-            return b"".join(pieces)  # type: ignore[arg-type]
-        return _join_when_read(pieces)
+        return _joined(pieces)
 
     def write_config(self, offset: int, data: bytes) -> Awaitable[None] | None:
         """A guest write of config space: emulated registers take it by their access
@@ -248,7 +346,7 @@ class PciDevice:
         ]
         pending: list[Awaitable[None]] = []
         flr = False
-        for start, stop, claim in self._config_segments(offset, len(data)):
+        for start, stop, claim in split_access(offset, len(data), self._claim_spans):
             piece = data[start - offset : stop - offset]
             if claim is None:
                 flr |= self.config.write(start, piece)

@@ -242,7 +242,7 @@ async def test_oversized_message_is_not_buffered(server: Server) -> None:
             errno.EIO,
         ),
         ("DMA_MAP not yet", Command.DMA_MAP, bytes(32), errno.ENOTSUP),
-        ("SET_IRQS not yet", Command.DEVICE_SET_IRQS, bytes(20), errno.ENOTSUP),
+        ("SET_IRQS without flags", Command.DEVICE_SET_IRQS, bytes(20), errno.EINVAL),
         ("FEATURE not yet", Command.DEVICE_FEATURE, bytes(8), errno.ENOTSUP),
     ],
 )
@@ -299,6 +299,7 @@ async def test_fds_on_commands_that_carry_none_are_closed(client: Client) -> Non
         (Command.REGION_READ, RegionAccess(0, 9, 4).build()),
         (Command.DMA_MAP, bytes(32)),
         (Command.DEVICE_SET_IRQS, bytes(20)),
+        (Command.DEVICE_SET_IRQS, struct.pack("<5I", 20, 0x21, 0, 0, 1)),
         (0x99, b""),
     ]:
         fds = [os.eventfd(0), os.memfd_create("x")]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from muser import Client, VfioUserError
-from muser.wire.constants import Command, DmaMapFlag, FeatureFlag, IrqSetFlag
+from muser.wire.constants import Command, DmaMapFlag, FeatureFlag
 from tests.helpers import open_fds
 
 Call = Callable[[Client, list[int]], Awaitable[Any]]
@@ -27,19 +27,6 @@ def calls() -> list[tuple[Command, Call]]:
             ),
         ),
         (Command.DMA_UNMAP, lambda c, _: c.dma_unmap(0x10000, 0x1000)),
-        (Command.DEVICE_GET_IRQ_INFO, lambda c, _: c.get_irq_info(0)),
-        (
-            Command.DEVICE_SET_IRQS,
-            lambda c, fds: c.set_irqs(
-                2, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER, 0, 2, fds=fds
-            ),
-        ),
-        (
-            Command.DEVICE_SET_IRQS,
-            lambda c, _: c.set_irqs(
-                1, IrqSetFlag.DATA_BOOL | IrqSetFlag.ACTION_MASK, 0, 2, data=b"\1\0"
-            ),
-        ),
         (Command.DEVICE_GET_REGION_IO_FDS, lambda c, _: c.get_region_io_fds(0)),
         (Command.DEVICE_FEATURE, lambda c, _: c.device_feature(FeatureFlag.GET | 1, bytes(8))),
         (Command.MIG_DATA_READ, lambda c, _: c.mig_data_read(4096)),

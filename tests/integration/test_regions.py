@@ -72,7 +72,7 @@ async def test_config_writes_respect_masks(client: Client) -> None:
     config = await client.region_read(7, 0, 64)
     assert config[0:4] == b"\xf4\x1a\xf0\x10", "IDs are read-only"
     assert struct.unpack_from("<HH", config, 4) == (0x0547, 0), "writable command bits only"
-    assert config[0x3C:0x3E] == b"\x0b\x00", "line is writable, pin is not"
+    assert config[0x3C:0x3E] == b"\x0b\x01", "line is writable, pin is not"
     await client.region_write(7, 0x05, b"\x00")
     assert await client.region_read(7, 4, 2) == b"\x47\x00", "a byte write to the high half"
 

@@ -1,0 +1,483 @@
+"""Interrupts (protocol.md §3.7, §3.8, §5): eventfds from the client, fired by the device.
+
+Each IRQ index (INTx, MSI, MSI-X, ERR, REQ) keeps, per vector, the trigger
+eventfd the client assigned with DEVICE_SET_IRQS, the client's SET_IRQS mask,
+an optional unmask eventfd (KVM's INTx resampler: the server reads it and
+unmasks), and a pending bit. The guest-visible gates live in config space and
+the MSI-X table: INTx Disable, MSI Enable / Multiple Message Enable / mask bits,
+MSI-X Enable / Function Mask / per-vector mask. A masked interrupt is held
+pending and delivered once when unmasked; one with nowhere to go is dropped.
+Device code sees which of the three happened; nothing here raises at it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+from collections.abc import Sequence
+from enum import Enum
+
+from muser.errors import VfioUserError
+from muser.pci.capabilities import Msi, MsiX
+from muser.pci.config import Command, ConfigSpace, Reg, Status
+from muser.wire import close_fds
+from muser.wire.constants import (
+    IRQ_SET_ACTION_MASK,
+    IRQ_SET_DATA_MASK,
+    IrqIndex,
+    IrqInfoFlag,
+    IrqSetFlag,
+)
+from muser.wire.messages import IrqSet
+
+_EVENTFD_LINK = "anon_inode:[eventfd]"
+_KNOWN_SET_FLAGS = int(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK)
+"""A plain int: `~` on an IntFlag only complements the flag's own bits."""
+
+
+class Delivery(Enum):
+    """What became of an interrupt the device raised."""
+
+    DELIVERED = "delivered"
+    """Its eventfd was signalled."""
+    PENDING = "pending"
+    """It is masked; it will be delivered once, when unmasked."""
+    DROPPED = "dropped"
+    """Nowhere to go: no eventfd, the index or the capability is disabled, or the
+    vector is beyond those the guest enabled."""
+
+
+class _Gate(Enum):
+    OPEN = "open"
+    HOLD = "hold"
+    CLOSED = "closed"
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == _EVENTFD_LINK
+    except OSError:
+        return False
+
+
+def _signal(fd: int) -> None:
+    # A saturated counter (EAGAIN) means the consumer has an interrupt waiting anyway.
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_write(fd, 1)
+
+
+class Irq:
+    """One IRQ index of a device. `trigger(vector)` raises an interrupt."""
+
+    def __init__(
+        self, controller: Interrupts, index: IrqIndex, count: int, info_flags: IrqInfoFlag
+    ) -> None:
+        self._controller = controller
+        self.index = index
+        self.count = count
+        self.info_flags = info_flags if count else IrqInfoFlag(0)
+        self.enabled = False
+        """Whether the client has turned this index on (with DATA_EVENTFD)."""
+        self._triggers: list[int | None] = [None] * count
+        self._unmask_fds: list[int | None] = [None] * count
+        self._masked = [False] * count
+        self._pending = [False] * count
+        self.delivered = 0
+        """Interrupts delivered since the device was created."""
+        self.dropped = 0
+        """Interrupts dropped since the device was created."""
+
+    def __repr__(self) -> str:
+        return f"<Irq {self.index.name} count={self.count} enabled={self.enabled}>"
+
+    def has_eventfd(self, vector: int) -> bool:
+        return self._triggers[vector] is not None
+
+    def is_pending(self, vector: int) -> bool:
+        return self._pending[vector]
+
+    def is_masked(self, vector: int) -> bool:
+        """Masked by the client with SET_IRQS (guest-visible masks aside)."""
+        return self._masked[vector]
+
+    def trigger(self, vector: int = 0) -> Delivery:
+        """Raise interrupt `vector` of this index; safe from any code on the loop's thread."""
+        if not 0 <= vector < self.count:
+            raise ValueError(f"{self.index.name} has no vector {vector}")
+        if not self.enabled or self._triggers[vector] is None:
+            self.dropped += 1
+            return Delivery.DROPPED
+        gate = self._controller.gate(self, vector)
+        if gate is _Gate.CLOSED:
+            self.dropped += 1
+            return Delivery.DROPPED
+        if gate is _Gate.HOLD or self._masked[vector]:
+            self._set_pending(vector, True)
+            return Delivery.PENDING
+        self._deliver(vector)
+        return Delivery.DELIVERED
+
+    def _deliver(self, vector: int) -> None:
+        fd = self._triggers[vector]
+        assert fd is not None
+        _signal(fd)
+        self.delivered += 1
+        if self.info_flags & IrqInfoFlag.AUTOMASKED:
+            self._masked[vector] = True
+
+    def _set_pending(self, vector: int, pending: bool) -> None:
+        self._pending[vector] = pending
+        self._controller.pending_changed(self, vector, pending)
+
+    def release_pending(self, vector: int) -> None:
+        """Deliver a held interrupt if nothing holds it any more."""
+        if (
+            self._pending[vector]
+            and not self._masked[vector]
+            and self._triggers[vector] is not None
+            and self._controller.gate(self, vector) is _Gate.OPEN
+        ):
+            self._set_pending(vector, False)
+            self._deliver(vector)
+
+    def mask(self, vector: int) -> None:
+        self._masked[vector] = True
+
+    def unmask(self, vector: int) -> None:
+        self._masked[vector] = False
+        self.release_pending(vector)
+
+    # SET_IRQS, already validated
+
+    def assign_triggers(self, start: int, fds: Sequence[int | None]) -> None:
+        for vector, fd in enumerate(fds, start):
+            old = self._triggers[vector]
+            if old is not None:
+                close_fds([old])
+            self._triggers[vector] = fd
+        self.enabled = True
+
+    def assign_unmask_fds(self, start: int, fds: Sequence[int | None]) -> None:
+        loop = asyncio.get_running_loop()
+        for vector, fd in enumerate(fds, start):
+            self._drop_unmask_fd(vector)
+            if fd is not None:
+                loop.add_reader(fd, self._unmask_requested, vector, fd)
+                self._unmask_fds[vector] = fd
+
+    def _unmask_requested(self, vector: int, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        self.unmask(vector)
+
+    def _drop_unmask_fd(self, vector: int) -> None:
+        fd = self._unmask_fds[vector]
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            close_fds([fd])
+            self._unmask_fds[vector] = None
+
+    def disable(self) -> None:
+        """TRIGGER|DATA_NONE with count 0: forget every eventfd; the index is off."""
+        for vector in range(self.count):
+            self._drop_unmask_fd(vector)
+        close_fds(fd for fd in self._triggers if fd is not None)
+        self._triggers = [None] * self.count
+        self.enabled = False
+        self.clear()
+
+    def clear(self) -> None:
+        """No masks, nothing pending (reset)."""
+        self._masked = [False] * self.count
+        for vector in range(self.count):
+            if self._pending[vector]:
+                self._set_pending(vector, False)
+
+
+class IntxIrq(Irq):
+    """INTx is level-triggered: besides `trigger()` (one interrupt), the device can
+    hold the line asserted with `set_level(True)`; while it stays asserted, every
+    unmask (the guest's EOI, as QEMU reports it) signals again."""
+
+    def __init__(self, controller: Interrupts, count: int) -> None:
+        super().__init__(
+            controller,
+            IrqIndex.INTX,
+            count,
+            IrqInfoFlag.EVENTFD | IrqInfoFlag.MASKABLE | IrqInfoFlag.AUTOMASKED,
+        )
+        self.level = False
+
+    def set_level(self, asserted: bool) -> Delivery | None:
+        """Assert or deassert the line; asserting it raises an interrupt."""
+        if not self.count:
+            raise ValueError("the device has no INTx (declare intx=True)")
+        self.level = asserted
+        self._controller.intx_status_changed()
+        return self.trigger() if asserted else None
+
+    def release_pending(self, vector: int) -> None:
+        if self.level and not self._pending[vector]:
+            self._set_pending(vector, True)
+        super().release_pending(vector)
+
+    def clear(self) -> None:
+        self.level = False
+        super().clear()
+
+
+class MsixTable:
+    """The MSI-X table and Pending Bit Array, emulated in the BAR(s) that hold them."""
+
+    ENTRY_MASK = bytes([0xFC, 0xFF, 0xFF, 0xFF] + [0xFF] * 8 + [0x01, 0, 0, 0])
+    """Writable bits of an entry: address (bits 1:0 reserved), upper address, data,
+    and the Mask bit of Vector Control."""
+    VECTOR_CONTROL = 12
+
+    def __init__(self, capability: MsiX) -> None:
+        self.capability = capability
+        self.entries = bytearray(capability.table_bytes)
+        self.in_use = False
+        """Whether the client programs this table. QEMU emulates the table itself and
+        never forwards its accesses, so until the client writes an entry its mask bits
+        (masked at reset) must not hold interrupts back."""
+        self.reset()
+
+    def reset(self) -> None:
+        self.entries[:] = bytes(len(self.entries))
+        for vector in range(self.capability.table_size):
+            self.entries[vector * 16 + self.VECTOR_CONTROL] = 0x01
+        self.in_use = False
+
+    def vector_masked(self, vector: int) -> bool:
+        return self.in_use and bool(self.entries[vector * 16 + self.VECTOR_CONTROL] & 0x01)
+
+    def read(self, offset: int, count: int) -> bytes:
+        return bytes(self.entries[offset : offset + count])
+
+    def write(self, offset: int, data: bytes) -> list[int]:
+        """Apply a write; return the vectors whose Mask bit it cleared."""
+        self.in_use = True
+        unmasked = []
+        for position, value in enumerate(data, offset):
+            writable = self.ENTRY_MASK[position % 16]
+            old = self.entries[position]
+            new = (old & ~writable) | (value & writable)
+            self.entries[position] = new
+            if position % 16 == self.VECTOR_CONTROL and old & 1 and not new & 1:
+                unmasked.append(position // 16)
+        return unmasked
+
+
+class Interrupts:
+    """A device's IRQ indexes, and the guest-visible state that gates them."""
+
+    def __init__(
+        self,
+        config: ConfigSpace,
+        *,
+        intx: bool,
+        msi: Msi | None,
+        msix: MsiX | None,
+        err: bool,
+        req: bool,
+    ) -> None:
+        self._config = config
+        self._msi = msi
+        self._msix = msix
+        self.intx = IntxIrq(self, 1 if intx else 0)
+        self.msi = Irq(
+            self,
+            IrqIndex.MSI,
+            msi.vectors if msi else 0,
+            IrqInfoFlag.EVENTFD | IrqInfoFlag.MASKABLE | IrqInfoFlag.NORESIZE,
+        )
+        self.msix = Irq(
+            self,
+            IrqIndex.MSIX,
+            msix.table_size if msix else 0,
+            IrqInfoFlag.EVENTFD | IrqInfoFlag.MASKABLE,
+        )
+        self.err = Irq(self, IrqIndex.ERR, 1 if err else 0, IrqInfoFlag.EVENTFD)
+        self.req = Irq(self, IrqIndex.REQ, 1 if req else 0, IrqInfoFlag.EVENTFD)
+        self.msix_table = MsixTable(msix) if msix else None
+        self._by_index = (self.intx, self.msi, self.msix, self.err, self.req)
+
+    def __getitem__(self, index: int) -> Irq:
+        return self._by_index[index]
+
+    def __len__(self) -> int:
+        return len(self._by_index)
+
+    # What holds an interrupt back
+
+    def _msi_base(self) -> int:
+        assert self._msi is not None
+        return self._config.offset_of(self._msi)
+
+    def _msix_control(self) -> int:
+        assert self._msix is not None
+        return self._config.register(self._config.offset_of(self._msix) + MsiX.CONTROL, 2)
+
+    def gate(self, irq: Irq, vector: int) -> _Gate:
+        if irq.index == IrqIndex.INTX:
+            command = self._config.register(Reg.COMMAND, 2)
+            return _Gate.HOLD if command & Command.INTX_DISABLE else _Gate.OPEN
+        if irq.index == IrqIndex.MSI and self._msi is not None:
+            base = self._msi_base()
+            control = self._config.register(base + Msi.CONTROL, 2)
+            enabled_vectors = 1 << ((control & Msi.MME_MASK) >> Msi.MME_SHIFT)
+            if not control & Msi.ENABLE or vector >= enabled_vectors:
+                return _Gate.CLOSED
+            mask = self._msi.mask_offset
+            if mask is not None and self._config.register(base + mask, 4) >> vector & 1:
+                return _Gate.HOLD
+            return _Gate.OPEN
+        if irq.index == IrqIndex.MSIX and self.msix_table is not None:
+            control = self._msix_control()
+            if not control & MsiX.ENABLE:
+                return _Gate.CLOSED
+            if control & MsiX.FUNCTION_MASK or self.msix_table.vector_masked(vector):
+                return _Gate.HOLD
+        return _Gate.OPEN
+
+    def pending_changed(self, irq: Irq, vector: int, pending: bool) -> None:
+        """Mirror pending state where the guest can read it."""
+        if irq.index == IrqIndex.INTX:
+            self.intx_status_changed()
+        elif irq.index == IrqIndex.MSI and self._msi is not None:
+            offset = self._msi.pending_offset
+            if offset is not None:
+                register = self._msi_base() + offset
+                bits = self._config.register(register, 4) & ~(1 << vector)
+                self._config.set_register(register, 4, bits | pending << vector)
+
+    def intx_status_changed(self) -> None:
+        """Status bit 3 follows the INTx line (asserted, or an interrupt held pending)."""
+        status = self._config.register(Reg.STATUS, 2) & ~int(Status.INTERRUPT)
+        if self.intx.count and (self.intx.level or self.intx.is_pending(0)):
+            status |= Status.INTERRUPT
+        self._config.set_register(Reg.STATUS, 2, status)
+
+    def pba(self) -> bytes:
+        """The MSI-X Pending Bit Array as the guest reads it."""
+        assert self._msix is not None
+        bits = sum(
+            1 << vector for vector in range(self.msix.count) if self.msix.is_pending(vector)
+        )
+        return bits.to_bytes(self._msix.pba_bytes, "little")
+
+    # Guest writes that may let held interrupts through (config watchers, table writes)
+
+    def command_changed(self, old: int, new: int) -> None:
+        if old & Command.INTX_DISABLE and not new & Command.INTX_DISABLE and self.intx.count:
+            self.intx.release_pending(0)
+
+    def msi_changed(self, old: int, new: int) -> None:
+        for vector in range(self.msi.count):
+            self.msi.release_pending(vector)
+
+    def msix_control_changed(self, old: int, new: int) -> None:
+        for vector in range(self.msix.count):
+            self.msix.release_pending(vector)
+
+    def msix_table_unmasked(self, vectors: list[int]) -> None:
+        for vector in vectors:
+            self.msix.release_pending(vector)
+
+    # Lifecycle
+
+    def reset(self) -> None:
+        """DEVICE_RESET or FLR: nothing masked or pending, the MSI-X table at power-on;
+        the client's eventfds stay."""
+        for irq in self._by_index:
+            irq.clear()
+        if self.msix_table is not None:
+            self.msix_table.reset()
+
+    def release(self) -> None:
+        """The client is gone: close every eventfd it gave us."""
+        for irq in self._by_index:
+            irq.disable()
+
+    # DEVICE_GET_IRQ_INFO and DEVICE_SET_IRQS
+
+    def set_irqs(self, request: IrqSet, fds: list[int]) -> None:
+        """Apply one DEVICE_SET_IRQS request. Takes ownership of `fds`: they are kept
+        or closed, whatever happens."""
+        try:
+            self._check_set_irqs(request, fds)
+        except VfioUserError:
+            close_fds(fds)
+            raise
+        flags, index, start, count = request.flags, request.index, request.start, request.count
+        data = request.data
+        irq = self._by_index[index]
+        action = flags & IRQ_SET_ACTION_MASK
+        data_type = flags & IRQ_SET_DATA_MASK
+        if data_type == IrqSetFlag.DATA_BOOL:
+            selected = [start + offset for offset, flag in enumerate(data) if flag]
+        else:
+            selected = list(range(start, start + count))
+        if action == IrqSetFlag.ACTION_TRIGGER:
+            if data_type == IrqSetFlag.DATA_EVENTFD:
+                irq.assign_triggers(start, fds or [None] * count)
+            elif count == 0:
+                irq.disable()
+            else:
+                for vector in selected:
+                    irq.trigger(vector)
+        elif data_type == IrqSetFlag.DATA_EVENTFD:
+            if action == IrqSetFlag.ACTION_UNMASK:
+                irq.assign_unmask_fds(start, fds or [None] * count)
+        elif action == IrqSetFlag.ACTION_MASK:
+            for vector in selected:
+                irq.mask(vector)
+        else:
+            for vector in selected:
+                irq.unmask(vector)
+
+    def _check_set_irqs(self, request: IrqSet, fds: list[int]) -> None:
+        flags, index, start, count = request.flags, request.index, request.start, request.count
+        data = request.data
+
+        def refuse(reason: str, code: int = errno.EINVAL) -> VfioUserError:
+            return VfioUserError(code, f"SET_IRQS: {reason}")
+
+        if request.argsz < IrqSet.SIZE + len(data):
+            raise refuse(f"argsz {request.argsz} is smaller than the request")
+        if flags & ~_KNOWN_SET_FLAGS:
+            raise refuse(f"unknown flag bits {flags & ~_KNOWN_SET_FLAGS:#x}")
+        action = flags & IRQ_SET_ACTION_MASK
+        data_type = flags & IRQ_SET_DATA_MASK
+        if action.bit_count() != 1 or data_type.bit_count() != 1:
+            raise refuse("exactly one action and one data type")
+        if index >= len(self._by_index):
+            raise refuse(f"no IRQ index {index}")
+        irq = self._by_index[index]
+        if start >= irq.count or start + count > irq.count:
+            raise refuse(f"vectors {start}+{count} outside the {irq.count} of index {index}")
+        if count == 0 and (
+            start != 0 or flags != IrqSetFlag.ACTION_TRIGGER | IrqSetFlag.DATA_NONE
+        ):
+            raise refuse("count 0 is only TRIGGER|DATA_NONE from vector 0 (disable)")
+        if index in (IrqIndex.ERR, IrqIndex.REQ) and (
+            action != IrqSetFlag.ACTION_TRIGGER or count > 1
+        ):
+            raise refuse("ERR and REQ take TRIGGER of their one vector only")
+        expected_data = count if data_type == IrqSetFlag.DATA_BOOL else 0
+        if len(data) != expected_data:
+            raise refuse(f"{len(data)} data bytes for {expected_data}")
+        if data_type == IrqSetFlag.DATA_EVENTFD:
+            if fds and len(fds) != count:
+                raise refuse(f"{len(fds)} eventfds for {count} vectors")
+            if not all(_is_eventfd(fd) for fd in fds):
+                raise refuse("a passed file descriptor is not an eventfd")
+            if fds and action == IrqSetFlag.ACTION_MASK:
+                raise refuse("eventfds signalled on mask are not supported", errno.ENOTSUP)
+        elif fds:
+            raise refuse("file descriptors without DATA_EVENTFD")
