@@ -17,20 +17,26 @@ from typing import Any, Self
 
 import structlog
 
+from muser.device.dma import DmaLayout
 from muser.endpoint import Endpoint, command_name
-from muser.errors import ProtocolError
+from muser.errors import ProtocolError, VfioUserError
 from muser.wire import Capabilities, Frame, build_capabilities, parse_capabilities
 from muser.wire.constants import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     FLAGS_ERROR_REPLY,
+    FLAGS_REPLY,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
     Command,
     DmaMapFlag,
+    DmaUnmapFlag,
 )
 from muser.wire.messages import (
     DeviceFeature,
     DeviceInfo,
+    DmaAccess,
+    DmaData,
+    DmaDataQemu,
     DmaMap,
     DmaUnmap,
     DmaUnmapReply,
@@ -57,7 +63,11 @@ class Client(Endpoint):
     """A connected vfio-user client. Use `Client.connect(path)` to get a negotiated one."""
 
     def __init__(
-        self, sock: socket.socket, *, max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE
+        self,
+        sock: socket.socket,
+        *,
+        max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
+        dma_layout: DmaLayout = DmaLayout.SPEC,
     ) -> None:
         super().__init__(
             sock,
@@ -69,6 +79,10 @@ class Client(Endpoint):
         self.server: Capabilities | None = None
         """What the server announced in its VERSION reply."""
         self.server_version: tuple[int, int] | None = None
+        self.dma_layout = dma_layout
+        """The DMA_READ/DMA_WRITE layout this client speaks (QEMU's, or the spec's)."""
+        self._guest: dict[int, memoryview] = {}
+        """Windows mapped without an fd, by address: the memory their DMA messages reach."""
 
     @classmethod
     async def connect(
@@ -78,6 +92,7 @@ class Client(Endpoint):
         negotiate: bool = True,
         capabilities: Mapping[str, Any] | None = None,
         max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
+        dma_layout: DmaLayout = DmaLayout.SPEC,
     ) -> Self:
         """Connect to a server's socket and, unless told not to, negotiate VERSION."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -87,7 +102,7 @@ class Client(Endpoint):
         except BaseException:
             sock.close()
             raise
-        client = cls(sock, max_data_xfer_size=max_data_xfer_size)
+        client = cls(sock, max_data_xfer_size=max_data_xfer_size, dma_layout=dma_layout)
         if negotiate:
             try:
                 await client.negotiate(capabilities)
@@ -111,17 +126,55 @@ class Client(Endpoint):
     # What the server sends us
 
     def _command_received(self, frame: Frame) -> None:
-        """Server-initiated commands (DMA_READ/DMA_WRITE) need guest memory this client
-        does not model; they are refused, as QEMU refuses what it cannot serve."""
+        """The server's DMA_READ/DMA_WRITE, served from the windows this client mapped
+        with `backing` memory; anything else is refused with ENOSYS, as QEMU does."""
         frame.close_fds()
-        self.log.warning("refusing server command", command=command_name(frame.command))
-        if not frame.no_reply:
-            self.send(
-                frame.msg_id,
-                frame.command,
-                FLAGS_ERROR_REPLY,
-                error=errno.ENOTSUP,
+        try:
+            payload = self._serve(frame)
+        except VfioUserError as exc:
+            self.log.warning(
+                "refusing server command", command=command_name(frame.command), reason=str(exc)
             )
+            self.send(frame.msg_id, frame.command, FLAGS_ERROR_REPLY, error=exc.errno)
+            return
+        if not frame.no_reply:
+            self.send(frame.msg_id, frame.command, FLAGS_REPLY, payload)
+
+    def _serve(self, frame: Frame) -> bytes:
+        if frame.command == Command.DMA_READ:
+            return self._serve_dma_read(frame.payload)
+        if frame.command == Command.DMA_WRITE:
+            return self._serve_dma_write(frame.payload)
+        raise VfioUserError(errno.ENOSYS, f"unknown server command {frame.command}")
+
+    def _guest_memory(self, address: int, count: int) -> memoryview:
+        if count > self.max_data_xfer_size:
+            raise VfioUserError(errno.E2BIG, f"DMA of {count} bytes exceeds max_data_xfer_size")
+        for start, memory in self._guest.items():
+            if start <= address and address + count <= start + len(memory):
+                return memory[address - start : address - start + count]
+        raise VfioUserError(errno.EFAULT, f"{address:#x}+{count:#x} is in no backed window")
+
+    def _serve_dma_read(self, payload: bytes) -> bytes:
+        request = DmaAccess.parse(payload)
+        data = bytes(self._guest_memory(request.address, request.count))
+        if self.dma_layout is DmaLayout.QEMU:
+            return DmaDataQemu(request.address, request.count, data + bytes(4)).build()
+        return DmaData(request.address, request.count, data).build()
+
+    def _serve_dma_write(self, payload: bytes) -> bytes:
+        if self.dma_layout is DmaLayout.QEMU:
+            qemu = DmaDataQemu.parse(payload)
+            address, count, data = qemu.address, qemu.count, qemu.data[: qemu.count]
+        else:
+            spec = DmaData.parse(payload)
+            address, count, data = spec.address, spec.count, spec.data
+        if len(data) != count:
+            raise VfioUserError(errno.EINVAL, f"DMA_WRITE count {count} with {len(data)} bytes")
+        self._guest_memory(address, count)[:] = data
+        if self.dma_layout is DmaLayout.QEMU:
+            return b""
+        return DmaAccess(address, count).build()
 
     # Raw access, for tests that send what a well-behaved client would not
 
@@ -220,13 +273,25 @@ class Client(Endpoint):
         fd: int | None = None,
         offset: int = 0,
         flags: int = DmaMapFlag.READ | DmaMapFlag.WRITE,
+        backing: bytearray | memoryview | None = None,
     ) -> None:
+        """Map a window of guest memory: shared through `fd`, or, without one, reached
+        by the server's DMA_READ/DMA_WRITE, which this client serves from `backing`."""
+        if backing is not None and (fd is not None or len(backing) < size):
+            raise ValueError("backing memory is for windows without an fd, and covers them")
         request = DmaMap(32, flags, offset, address, size).build()
         await self.request(Command.DMA_MAP, request, () if fd is None else (fd,))
+        if backing is not None:
+            self._guest[address] = memoryview(backing)[:size]
 
     async def dma_unmap(self, address: int, size: int, *, flags: int = 0) -> DmaUnmapReply:
         request = DmaUnmap(24, flags, address, size, None).build()
-        return DmaUnmapReply.parse((await self.request(Command.DMA_UNMAP, request)).payload)
+        reply = DmaUnmapReply.parse((await self.request(Command.DMA_UNMAP, request)).payload)
+        if flags & DmaUnmapFlag.UNMAP_ALL:
+            self._guest.clear()
+        else:
+            self._guest.pop(address, None)
+        return reply
 
     async def reset(self) -> None:
         await self.request(Command.DEVICE_RESET, Empty().build())

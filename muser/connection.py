@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from muser.device import PciDevice, ResetReason
+from muser.device.dma import DmaLayout
 from muser.endpoint import Endpoint, command_name
 from muser.errors import ConnectionClosedError, ProtocolError, VfioUserError
 from muser.transport import WRITE_HIGH_WATER
@@ -25,11 +26,11 @@ from muser.wire import (
     Frame,
     Layout,
     build_capabilities,
-    close_fds,
     parse_capabilities,
 )
 from muser.wire.constants import (
     DEFAULT_MAX_DATA_XFER_SIZE,
+    DEFAULT_MAX_DMA_MAPS,
     DEFAULT_PGSIZES,
     FLAGS_ERROR_REPLY,
     FLAGS_REPLY,
@@ -38,9 +39,21 @@ from muser.wire.constants import (
     PROTOCOL_MINOR,
     Command,
     DeviceFlag,
+    DmaUnmapFlag,
+    Feature,
+    FeatureFlag,
 )
 from muser.wire.messages import (
+    DeviceFeature,
     DeviceInfo,
+    DmaAccess,
+    DmaData,
+    DmaDataQemu,
+    DmaLoggingReport,
+    DmaLoggingStart,
+    DmaMap,
+    DmaUnmap,
+    DmaUnmapReply,
     Empty,
     IrqInfo,
     IrqSet,
@@ -58,14 +71,25 @@ MAX_QUEUED_BYTES = 8 * 1024 * 1024
 """Above this much queued payload we stop reading from the client until it drains."""
 MAX_QUEUED_FRAMES = 1024
 
-_SPEC_DEFAULTS = {"max_data_xfer_size": DEFAULT_MAX_DATA_XFER_SIZE, "pgsizes": DEFAULT_PGSIZES}
+_SPEC_DEFAULTS = {
+    "max_data_xfer_size": DEFAULT_MAX_DATA_XFER_SIZE,
+    "pgsizes": DEFAULT_PGSIZES,
+    "max_dma_maps": DEFAULT_MAX_DMA_MAPS,
+}
+_FEATURE_OPS: dict[int, int] = {
+    Feature.DMA_LOGGING_START: FeatureFlag.SET,
+    Feature.DMA_LOGGING_STOP: FeatureFlag.SET,
+    Feature.DMA_LOGGING_REPORT: FeatureFlag.GET,
+}
+"""The DEVICE_FEATURE operations muser serves, by feature."""
+_KNOWN_FEATURE_BITS = int(
+    FeatureFlag.INDEX_MASK | FeatureFlag.GET | FeatureFlag.SET | FeatureFlag.PROBE
+)
+_UNMAP_FLAGS = int(DmaUnmapFlag.GET_DIRTY_BITMAP | DmaUnmapFlag.UNMAP_ALL)
 
 NOT_YET_SUPPORTED = (
-    Command.DMA_MAP,
-    Command.DMA_UNMAP,
     Command.DEVICE_GET_REGION_IO_FDS,
     Command.REGION_WRITE_MULTI,
-    Command.DEVICE_FEATURE,
     Command.MIG_DATA_READ,
     Command.MIG_DATA_WRITE,
 )
@@ -81,7 +105,13 @@ class ServerConnection(Endpoint):
     """The server's side of one client connection to one device."""
 
     def __init__(
-        self, sock: socket.socket, device: PciDevice, *, max_data_xfer_size: int, logger: Any
+        self,
+        sock: socket.socket,
+        device: PciDevice,
+        *,
+        max_data_xfer_size: int,
+        dma_layout: DmaLayout,
+        logger: Any,
     ) -> None:
         super().__init__(
             sock,
@@ -91,6 +121,7 @@ class ServerConnection(Endpoint):
         )
         self.device = device
         self.max_data_xfer_size = max_data_xfer_size
+        self.dma_layout = dma_layout
         self.peer: Capabilities | None = None
         """The client's capabilities, once VERSION is negotiated."""
         self._queue: deque[Frame] = deque()
@@ -98,6 +129,9 @@ class ServerConnection(Endpoint):
         self._busy = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._messenger: DmaMessenger | None = None
+        self._handler_task: asyncio.Task[None] | None = None
+        """The task running a command handler that awaits, while it does."""
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         """Done once the client is gone and the device has been told."""
         self._handlers: dict[int, Handler] = {
@@ -109,6 +143,9 @@ class ServerConnection(Endpoint):
             Command.DEVICE_RESET: self._device_reset,
             Command.DEVICE_GET_IRQ_INFO: self._irq_info,
             Command.DEVICE_SET_IRQS: self._set_irqs,
+            Command.DMA_MAP: self._dma_map,
+            Command.DMA_UNMAP: self._dma_unmap,
+            Command.DEVICE_FEATURE: self._device_feature,
         }
         for command in NOT_YET_SUPPORTED:
             self._handlers[command] = self._not_supported
@@ -150,7 +187,7 @@ class ServerConnection(Endpoint):
             self._queued_bytes -= len(frame.payload)
             pending = self._dispatch(frame)
             if pending is not None:
-                self._continue_after(self._finish(frame, pending))
+                self._handler_task = self._continue_after(self._finish(frame, pending))
                 return
             if self._closing and not self.negotiated:
                 # A failed negotiation ends the session at once; a stream broken after
@@ -163,12 +200,19 @@ class ServerConnection(Endpoint):
         else:
             self.transport.resume_reading()
 
-    def _continue_after(self, awaitable: Awaitable[None]) -> None:
+    def _continue_after(self, awaitable: Awaitable[None]) -> asyncio.Task[None]:
         async def run() -> None:
             await awaitable
+            self._handler_task = None
             self._run_queue()
 
         self._task = asyncio.get_running_loop().create_task(run())
+        return self._task
+
+    def in_handler(self) -> bool:
+        """Whether the running code is a command handler the client waits on."""
+        task = self._handler_task
+        return task is not None and task is asyncio.current_task()
 
     def _drop_queue(self) -> None:
         """Forget commands that will never run (their client is gone or broke the stream)."""
@@ -249,6 +293,8 @@ class ServerConnection(Endpoint):
 
     async def _tell_device(self) -> None:
         """Let in-flight work finish, then tell the device its client is gone."""
+        if self.device.dma.messenger is self._messenger:
+            self.device.dma.messenger = None
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         try:
@@ -279,6 +325,8 @@ class ServerConnection(Endpoint):
             client_max_msg_fds=self.peer.max_msg_fds,
             client_max_data_xfer_size=self.peer.max_data_xfer_size,
         )
+        self._messenger = DmaMessenger(self)
+        self.device.dma.messenger = self._messenger
         capabilities = self._reply_capabilities(request, HEADER_SIZE + len(frame.payload))
         return Version(PROTOCOL_MAJOR, min(request.minor, PROTOCOL_MINOR), capabilities)
 
@@ -292,6 +340,7 @@ class ServerConnection(Endpoint):
             "max_msg_fds": MAX_MSG_FDS,
             "max_data_xfer_size": self.max_data_xfer_size,
             "pgsizes": DEFAULT_PGSIZES,
+            "max_dma_maps": self.device.dma.max_windows,
         }
         chosen = {name: value for name, value in ours.items() if name in self.peer.offered}
         encoded = build_capabilities(chosen)
@@ -333,13 +382,86 @@ class ServerConnection(Endpoint):
         return IrqInfo(IrqInfo.SIZE, irq.info_flags, request.index, irq.count)
 
     def _set_irqs(self, frame: Frame) -> None:
+        request = IrqSet.parse(frame.payload)
+        self.device.irqs.set_irqs(request, frame.take_fds())
+
+    def _dma_map(self, frame: Frame) -> None:
+        request = DmaMap.parse(frame.payload)
+        if request.argsz < DmaMap.SIZE:
+            raise ProtocolError(f"DMA_MAP argsz {request.argsz} is too small")
+        if len(frame.fds) > 1:
+            raise ProtocolError("DMA_MAP carries at most one file descriptor")
         fds = frame.take_fds()
-        try:
-            request = IrqSet.parse(frame.payload)
-        except ProtocolError:
-            close_fds(fds)
-            raise
-        self.device.irqs.set_irqs(request, fds)
+        self.device.dma.map(
+            request.address, request.size, request.flags, request.offset, fds[0] if fds else None
+        )
+
+    def _dma_unmap(self, frame: Frame) -> Awaitable[Outcome]:
+        request = DmaUnmap.parse(frame.payload)
+        if request.argsz < DmaUnmap.SIZE:
+            raise ProtocolError(f"DMA_UNMAP argsz {request.argsz} is too small")
+        flags = request.flags
+        if flags & ~_UNMAP_FLAGS:
+            raise VfioUserError(errno.ENOTSUP, f"DMA_UNMAP flags {flags:#x} are not supported")
+        if flags & DmaUnmapFlag.UNMAP_ALL:
+            if flags & DmaUnmapFlag.GET_DIRTY_BITMAP or request.address or request.size:
+                raise ProtocolError("UNMAP_ALL takes no range and no dirty bitmap")
+            done = self.device.dma.unmap_all()
+        elif flags & DmaUnmapFlag.GET_DIRTY_BITMAP:
+            raise VfioUserError(
+                errno.ENOTSUP,
+                "DMA_UNMAP's legacy dirty bitmap is not supported; use DEVICE_FEATURE DMA logging",
+            )
+        else:
+            done = self.device.dma.unmap(request.address, request.size)
+        reply = DmaUnmapReply(request.argsz, flags, request.address, request.size, None, b"")
+        return self._after(done, reply)
+
+    def _device_feature(self, frame: Frame) -> DeviceFeature:
+        """The DMA logging features; a device without migration refuses the migration
+        features with EINVAL, as libvfio-user does."""
+        request = DeviceFeature.parse(frame.payload)
+        flags, feature = request.flags, request.feature
+        probe = bool(flags & FeatureFlag.PROBE)
+        operations = flags & (FeatureFlag.GET | FeatureFlag.SET)
+        if flags & ~_KNOWN_FEATURE_BITS:
+            raise ProtocolError(f"unknown DEVICE_FEATURE flag bits in {flags:#x}")
+        if not operations and not probe:
+            raise ProtocolError("DEVICE_FEATURE without GET, SET or PROBE")
+        if operations == FeatureFlag.GET | FeatureFlag.SET and not probe:
+            raise ProtocolError("DEVICE_FEATURE GET and SET together without PROBE")
+        supported = _FEATURE_OPS.get(feature)
+        if supported is None:
+            raise ProtocolError(f"feature {feature} is not supported by this device")
+        if operations & ~supported:
+            raise ProtocolError(f"feature {feature} does not support operations {operations:#x}")
+        if probe:
+            if request.argsz < len(frame.payload):
+                raise ProtocolError("DEVICE_FEATURE argsz is smaller than the request")
+            return request
+        if feature == Feature.DMA_LOGGING_STOP:
+            self.device.dma.logging_stop()
+            return request
+        if feature == Feature.DMA_LOGGING_START:
+            start = DmaLoggingStart.parse(request.data)
+            self.device.dma.logging_start(
+                start.page_size, [(item.iova, item.length) for item in start.ranges]
+            )
+            return request
+        return self._logging_report(request)
+
+    def _logging_report(self, request: DeviceFeature) -> DeviceFeature:
+        report = DmaLoggingReport.parse(request.data)
+        if report.bitmap:
+            raise ProtocolError("a DMA_LOGGING_REPORT request carries no bitmap")
+        dma = self.device.dma
+        bitmap_size = dma.report_size(report.iova, report.length, report.page_size)
+        needed = DeviceFeature.SIZE + DmaLoggingReport.SIZE + bitmap_size
+        if request.argsz < needed:
+            raise ProtocolError(f"DMA_LOGGING_REPORT needs argsz {needed}")
+        bitmap = dma.logging_report(report.iova, report.length, report.page_size)
+        data = DmaLoggingReport(report.iova, report.length, report.page_size, bitmap).build()
+        return DeviceFeature(DeviceFeature.SIZE + len(data), request.flags, data)
 
     def _check_access(self, region: int, offset: int, count: int) -> None:
         if region >= self.device.num_regions:
@@ -402,3 +524,44 @@ class ServerConnection(Endpoint):
         raise VfioUserError(
             errno.ENOTSUP, f"{command_name(frame.command)} is not supported by muser yet"
         )
+
+
+class DmaMessenger:
+    """DMA_READ/DMA_WRITE to the client, for windows it mapped without an fd, in the
+    layout this connection speaks."""
+
+    def __init__(self, connection: ServerConnection) -> None:
+        self.connection = connection
+        peer = connection.peer
+        assert peer is not None
+        self.max_transfer = min(peer.max_data_xfer_size, connection.max_data_xfer_size)
+        self._qemu = connection.dma_layout is DmaLayout.QEMU
+
+    def in_handler(self) -> bool:
+        return self.connection.in_handler()
+
+    async def read(self, address: int, count: int) -> bytes:
+        request = DmaAccess(address, count).build()
+        reply = await self.connection.request(Command.DMA_READ, request)
+        reply.close_fds()
+        if self._qemu:
+            qemu = DmaDataQemu.parse(reply.payload)
+            got_address, got_count, data = qemu.address, qemu.count, qemu.data[: qemu.count]
+        else:
+            spec = DmaData.parse(reply.payload)
+            got_address, got_count, data = spec.address, spec.count, spec.data
+        if (got_address, got_count, len(data)) != (address, count, count):
+            raise VfioUserError(
+                errno.EIO,
+                f"DMA_READ of {count} bytes at {address:#x} answered "
+                f"with {len(data)} bytes at {got_address:#x}",
+            )
+        return data
+
+    async def write(self, address: int, data: bytes) -> None:
+        if self._qemu:
+            request = DmaDataQemu(address, len(data), data + bytes(4)).build()
+        else:
+            request = DmaData(address, len(data), data).build()
+        reply = await self.connection.request(Command.DMA_WRITE, request)
+        reply.close_fds()

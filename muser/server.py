@@ -21,6 +21,7 @@ import structlog
 
 from muser.connection import ServerConnection
 from muser.device import PciDevice
+from muser.device.dma import DmaLayout
 from muser.wire.constants import DEFAULT_MAX_DATA_XFER_SIZE
 
 LISTEN_BACKLOG = 8
@@ -79,10 +80,13 @@ class Server:
         path: str | os.PathLike[str],
         *,
         max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
+        dma_layout: DmaLayout = DmaLayout.SPEC,
     ) -> None:
         self.device = device
         self.path = os.fspath(path)
         self.max_data_xfer_size = max_data_xfer_size
+        self.dma_layout = dma_layout
+        """How DMA_READ/DMA_WRITE are laid out; DmaLayout.QEMU for QEMU's client."""
         self.connection: ServerConnection | None = None
         """The attached client's session, if one is attached."""
         self.log: Any = structlog.get_logger("muser").bind(socket=self.path, device=device.name)
@@ -134,7 +138,11 @@ class Server:
             return
         self._pause_accepting()
         connection = ServerConnection(
-            sock, self.device, max_data_xfer_size=self.max_data_xfer_size, logger=self.log
+            sock,
+            self.device,
+            max_data_xfer_size=self.max_data_xfer_size,
+            dma_layout=self.dma_layout,
+            logger=self.log,
         )
         connection.log = self.log.bind(client_pid=connection.transport.peer_pid())
         connection.log.info("client connected")

@@ -8,6 +8,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import TypeVar
 
+from muser.device.dma import DmaSpace
 from muser.device.irq import Interrupts
 from muser.device.regions import Bar, ConfigRegisters
 from muser.errors import VfioUserError
@@ -140,6 +141,8 @@ class PciDevice:
         )
         """The device's IRQ indexes: `irqs.intx`, `irqs.msi`, `irqs.msix`, `irqs.err`,
         `irqs.req`, each with `trigger(vector)`."""
+        self.dma = DmaSpace()
+        """Guest memory as the attached client mapped it."""
         self._watchers: list[tuple[range, ConfigWatcher]] = []
         self._emulated_bar_ranges = self._msix_ranges(msix)
         self.watch_config(Reg.COMMAND, 2, self.irqs.command_changed)
@@ -221,14 +224,28 @@ class PciDevice:
 
     def handle_reset(self, reason: ResetReason) -> Awaitable[None] | None:
         """What muser does on a reset: DEVICE_RESET and FLR put config space, the MSI-X
-        table and interrupt state back to power-on (the client's eventfds stay); a lost
-        connection closes the client's eventfds. Then the device's `reset` hook runs."""
+        table and interrupt state back to power-on (the client's eventfds and DMA
+        windows stay); a lost connection closes the client's eventfds and unmaps its
+        windows. Either waits until device code holds no view into guest memory, then
+        the device's `reset` hook runs."""
         if reason is ResetReason.LOST_CONNECTION:
             self.irqs.release()
-        else:
-            self.config.reset()
-            self.irqs.reset()
+            self.dma.logging_stop()
+            return self._reset_when_quiet(reason, unmap=True)
+        self.config.reset()
+        self.irqs.reset()
+        if self.dma.busy:
+            return self._reset_when_quiet(reason, unmap=False)
         return self.reset(reason)
+
+    async def _reset_when_quiet(self, reason: ResetReason, *, unmap: bool) -> None:
+        if unmap:
+            await self.dma.unmap_all()
+        else:
+            await self.dma.quiesce()
+        done = self.reset(reason)
+        if done is not None:
+            await done
 
     def region_flags_and_size(self, index: int) -> tuple[RegionFlag, int]:
         """What DEVICE_GET_REGION_INFO reports; size 0 means the region does not exist."""

@@ -49,7 +49,12 @@ async def test_qemu_capabilities(server: Server) -> None:
     text = reply.capabilities[:-1].decode()
     assert " " not in text, "compact JSON"
     caps = json.loads(text)["capabilities"]
-    assert caps == {"max_msg_fds": 16, "max_data_xfer_size": 1048576, "pgsizes": 4096}
+    assert caps == {
+        "max_msg_fds": 16,
+        "max_data_xfer_size": 1048576,
+        "pgsizes": 4096,
+        "max_dma_maps": 65535,
+    }
     assert "write_multiple" not in caps, "not advertised before REGION_WRITE_MULTI exists"
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from muser import Client, VfioUserError
-from muser.wire.constants import Command, DmaMapFlag, FeatureFlag
+from muser.wire.constants import Command
 from tests.helpers import open_fds
 
 Call = Callable[[Client, list[int]], Awaitable[Any]]
@@ -20,15 +20,7 @@ Call = Callable[[Client, list[int]], Awaitable[Any]]
 
 def calls() -> list[tuple[Command, Call]]:
     return [
-        (
-            Command.DMA_MAP,
-            lambda c, fds: c.dma_map(
-                0x10000, 0x1000, fd=fds[0], offset=0x1000, flags=DmaMapFlag.READ
-            ),
-        ),
-        (Command.DMA_UNMAP, lambda c, _: c.dma_unmap(0x10000, 0x1000)),
         (Command.DEVICE_GET_REGION_IO_FDS, lambda c, _: c.get_region_io_fds(0)),
-        (Command.DEVICE_FEATURE, lambda c, _: c.device_feature(FeatureFlag.GET | 1, bytes(8))),
         (Command.MIG_DATA_READ, lambda c, _: c.mig_data_read(4096)),
         (Command.MIG_DATA_WRITE, lambda c, _: c.mig_data_write(b"state")),
     ]

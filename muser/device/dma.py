@@ -1,0 +1,553 @@
+"""Guest memory as the client maps it (protocol.md §3.2, §3.3, §3.11, §3.12, §7.8).
+
+The client maps windows of guest memory with DMA_MAP. A window that comes with a
+file descriptor is mmapped, and device code reads and writes it directly, or
+through zero-copy `memoryview`s; a window without one is reached by sending the
+client DMA_READ/DMA_WRITE messages. Windows are kept sorted by address, so a
+lookup is a bisection even with 65,535 of them.
+
+Two rules keep the guest safe. A DMA_UNMAP (or a reset) completes only after
+device code has let go of every view into the window (`with dma.view(...)`).
+And a message-based transfer is never awaited by the task that handles a client
+command: the client (QEMU's vCPU) waits for that command's reply and cannot
+answer our DMA request until it has it, so muser raises DmaDeadlockError there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import errno
+import fcntl
+import mmap
+import os
+import stat
+from dataclasses import dataclass
+from enum import Enum
+from types import TracebackType
+from typing import Protocol
+
+from muser.errors import VfioUserError
+from muser.wire import close_fds
+from muser.wire.constants import DmaMapFlag
+
+PAGE_SIZE = 4096
+MAX_WINDOW_SIZE = 1 << 43
+"""Larger windows are refused with ENOSPC, as libvfio-user does (8 TiB)."""
+DEFAULT_MAX_WINDOWS = 65535
+_ADDRESS_LIMIT = 1 << 64
+_KNOWN_MAP_FLAGS = int(DmaMapFlag.READ | DmaMapFlag.WRITE | DmaMapFlag.MMAP | DmaMapFlag.FILE_IO)
+
+
+class DmaLayout(Enum):
+    """How DMA_READ/DMA_WRITE payloads are laid out on a connection."""
+
+    SPEC = "spec"
+    """address u64, count u64, data at 16: the spec and libvfio-user."""
+    QEMU = "qemu"
+    """QEMU 10.x: a u32 count and data at offset 12, 4 pad bytes after it, and a
+    header-only DMA_WRITE reply (protocol.md §9 row 1). Choose it for QEMU."""
+
+
+class DmaDeadlockError(RuntimeError):
+    """A message-based DMA transfer was awaited inside a client command's handler.
+
+    The client is waiting for that command's reply and cannot answer the DMA
+    request before it gets it. Start the transfer in a task the handler creates
+    (it runs once the handler has replied)."""
+
+
+class MessageDma(Protocol):
+    """What a connection offers for windows that have no file descriptor."""
+
+    max_transfer: int
+
+    def in_handler(self) -> bool: ...
+
+    async def read(self, address: int, count: int) -> bytes: ...
+
+    async def write(self, address: int, data: bytes) -> None: ...
+
+
+class DmaWindow:
+    """One mapped window of guest memory."""
+
+    def __init__(
+        self,
+        address: int,
+        size: int,
+        flags: int,
+        *,
+        offset: int,
+        fd: int | None,
+        identity: tuple[int, int] | None,
+    ) -> None:
+        """Maps `fd` (or, with FILE_IO, keeps it as `file_fd`); never closes it."""
+        self.address = address
+        self.size = size
+        self.flags = flags
+        self.offset = offset
+        self.identity = identity
+        """(device, inode) of the file behind the window, to recognise a re-map."""
+        self.readable = bool(flags & DmaMapFlag.READ)
+        self.writable = bool(flags & DmaMapFlag.WRITE)
+        self._mapping: mmap.mmap | None = None
+        self.view: memoryview | None = None
+        """The window's bytes when it is mmapped; None when it is reached otherwise."""
+        self.file_fd: int | None = None
+        """Kept open only for windows accessed with pread/pwrite (FILE_IO)."""
+        self.users = 0
+        self._released: asyncio.Event | None = None
+        if fd is None:
+            return
+        if flags & DmaMapFlag.FILE_IO:
+            self.file_fd = fd
+        else:
+            self._map(fd)
+
+    def _map(self, fd: int) -> None:
+        aligned = self.offset - self.offset % mmap.PAGESIZE
+        lead = self.offset - aligned
+        length = -(-(lead + self.size) // mmap.PAGESIZE) * mmap.PAGESIZE
+        prot = (mmap.PROT_READ if self.readable else 0) | (mmap.PROT_WRITE if self.writable else 0)
+        try:
+            self._mapping = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=aligned)
+        except OSError as exc:
+            raise VfioUserError(
+                exc.errno or errno.EINVAL, f"cannot mmap the window: {exc}"
+            ) from None
+        except (ValueError, OverflowError) as exc:
+            raise VfioUserError(errno.EINVAL, f"cannot mmap the window: {exc}") from None
+        self.view = memoryview(self._mapping)[lead : lead + self.size]
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+    @property
+    def direct(self) -> bool:
+        """Whether device code reaches this window without messages."""
+        return self.view is not None or self.file_fd is not None
+
+    def hold(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if not self.users and self._released is not None:
+            self._released.set()
+
+    async def quiesce(self) -> None:
+        """Wait until no device code holds a view into the window."""
+        while self.users:
+            self._released = asyncio.Event()
+            await self._released.wait()
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        if self._mapping is not None:
+            self._mapping.close()
+            self._mapping = None
+        if self.file_fd is not None:
+            close_fds([self.file_fd])
+            self.file_fd = None
+
+    def read_direct(self, start: int, length: int) -> bytes:
+        if self.view is not None:
+            return bytes(self.view[start : start + length])
+        assert self.file_fd is not None
+        data = os.pread(self.file_fd, length, self.offset + start)
+        if len(data) != length:
+            raise VfioUserError(errno.EFAULT, "the window's file ended early")
+        return data
+
+    def write_direct(self, start: int, data: bytes | memoryview) -> None:
+        if self.view is not None:
+            self.view[start : start + len(data)] = data
+            return
+        assert self.file_fd is not None
+        os.pwrite(self.file_fd, data, self.offset + start)
+
+
+@dataclass(frozen=True, slots=True)
+class DmaSegment:
+    """A piece of a guest-memory range that lies in one window."""
+
+    window: DmaWindow
+    address: int
+    length: int
+
+    @property
+    def start(self) -> int:
+        """Offset of the piece within its window."""
+        return self.address - self.window.address
+
+
+def _file_identity(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+def _check_file_size(fd: int, offset: int, size: int) -> None:
+    """A window past the end of its file would kill the server with SIGBUS on access.
+    Refuse it, and keep the client from shrinking a sealable memfd afterwards."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        return
+    if info.st_size < offset + size:
+        raise VfioUserError(errno.EINVAL, f"the window ends past its file ({info.st_size} bytes)")
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+
+
+class DirtyLog:
+    """Pages written through the device API while DMA logging runs (§7.8)."""
+
+    def __init__(self, page_size: int, ranges: list[tuple[int, int]]) -> None:
+        self.page_size = page_size
+        self.ranges = ranges
+        """(iova, length) pairs to log; empty means all of guest memory."""
+        self.pages: set[int] = set()
+
+    def mark(self, address: int, length: int) -> None:
+        if not length:
+            return
+        end = address + length
+        if self.ranges:
+            for start, size in self.ranges:
+                low, high = max(address, start), min(end, start + size)
+                if low < high:
+                    self.pages.update(
+                        range(low // self.page_size, (high - 1) // self.page_size + 1)
+                    )
+        else:
+            self.pages.update(range(address // self.page_size, (end - 1) // self.page_size + 1))
+
+    def report(self, iova: int, length: int, page_size: int) -> bytes:
+        """The bitmap of `page_size` pages from `iova`, LSB first in u64 words; the
+        reported pages are clean afterwards."""
+        count = -(-length // page_size)
+        bits = 0
+        end = iova + length
+        first, last = iova // self.page_size, (end - 1) // self.page_size
+        reported = [page for page in self.pages if first <= page <= last]
+        for page in reported:
+            low = max(page * self.page_size, iova)
+            high = min((page + 1) * self.page_size, end)
+            for bit in range((low - iova) // page_size, (high - 1 - iova) // page_size + 1):
+                bits |= 1 << bit
+            if page * self.page_size >= iova and (page + 1) * self.page_size <= end:
+                self.pages.discard(page)
+        return bits.to_bytes(-(-count // 64) * 8, "little")
+
+
+class DmaSpace:
+    """A device's view of guest memory: the windows its client mapped."""
+
+    def __init__(self, max_windows: int = DEFAULT_MAX_WINDOWS) -> None:
+        self.max_windows = max_windows
+        self._starts: list[int] = []
+        self._windows: list[DmaWindow] = []
+        self.messenger: MessageDma | None = None
+        """Set by the connection: how to reach windows that have no fd."""
+        self.log: DirtyLog | None = None
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    @property
+    def windows(self) -> list[DmaWindow]:
+        return list(self._windows)
+
+    @property
+    def busy(self) -> bool:
+        """Whether device code holds a view into any window."""
+        return any(window.users for window in self._windows)
+
+    # What the client asks for
+
+    def map(self, address: int, size: int, flags: int, offset: int, fd: int | None) -> None:
+        """DMA_MAP. Takes ownership of `fd`: kept (FILE_IO windows) or closed."""
+        keep = False
+        try:
+            window = self._new_window(address, size, flags, offset, fd)
+            if window is not None:
+                index = bisect.bisect_left(self._starts, address)
+                self._starts.insert(index, address)
+                self._windows.insert(index, window)
+                keep = window.file_fd is not None
+        finally:
+            if fd is not None and not keep:
+                close_fds([fd])
+
+    def _new_window(
+        self, address: int, size: int, flags: int, offset: int, fd: int | None
+    ) -> DmaWindow | None:
+        """A checked, mapped window; None for an identical re-map (a no-op)."""
+        self._check_map(address, size, flags, offset, fd)
+        identity = _file_identity(fd) if fd is not None else None
+        existing = self._overlapping(address, size)
+        if existing is not None:
+            same = (existing.address, existing.size, existing.flags, existing.offset)
+            if same == (address, size, flags, offset) and existing.identity == identity:
+                return None
+            raise VfioUserError(
+                errno.EEXIST,
+                f"window {address:#x}+{size:#x} overlaps {existing.address:#x}+{existing.size:#x}",
+            )
+        if len(self._windows) >= self.max_windows:
+            raise VfioUserError(errno.EINVAL, f"already {self.max_windows} windows mapped")
+        if fd is not None:
+            _check_file_size(fd, offset, size)
+        return DmaWindow(address, size, flags, offset=offset, fd=fd, identity=identity)
+
+    @staticmethod
+    def _check_map(address: int, size: int, flags: int, offset: int, fd: int | None) -> None:
+        if flags & ~_KNOWN_MAP_FLAGS:
+            raise VfioUserError(
+                errno.EINVAL, f"unknown DMA_MAP flags {flags & ~_KNOWN_MAP_FLAGS:#x}"
+            )
+        if not flags & (DmaMapFlag.READ | DmaMapFlag.WRITE):
+            raise VfioUserError(errno.EINVAL, "a window must be readable or writable")
+        if fd is None and flags & (DmaMapFlag.MMAP | DmaMapFlag.FILE_IO):
+            raise VfioUserError(errno.EINVAL, "MMAP and FILE_IO need a file descriptor")
+        if flags & DmaMapFlag.MMAP and flags & DmaMapFlag.FILE_IO:
+            raise VfioUserError(errno.EINVAL, "MMAP and FILE_IO exclude each other")
+        if not size or address % PAGE_SIZE or size % PAGE_SIZE:
+            raise VfioUserError(errno.EINVAL, f"window {address:#x}+{size:#x} is not whole pages")
+        if address + size > _ADDRESS_LIMIT:
+            raise VfioUserError(errno.EINVAL, "the window wraps past the end of the address space")
+        if size > MAX_WINDOW_SIZE:
+            raise VfioUserError(errno.ENOSPC, f"window of {size:#x} bytes is too large")
+        if fd is None and offset:
+            raise VfioUserError(errno.EINVAL, "an offset without a file descriptor")
+
+    def _overlapping(self, address: int, size: int) -> DmaWindow | None:
+        index = bisect.bisect_right(self._starts, address + size - 1)
+        if index and self._windows[index - 1].end > address:
+            return self._windows[index - 1]
+        return None
+
+    async def unmap(self, address: int, size: int) -> None:
+        """DMA_UNMAP of exactly one window: it disappears at once for new accesses, and
+        is unmapped once device code let go of it."""
+        index = bisect.bisect_left(self._starts, address)
+        if (
+            index == len(self._windows)
+            or self._windows[index].address != address
+            or self._windows[index].size != size
+        ):
+            raise VfioUserError(errno.ENOENT, f"no window {address:#x}+{size:#x}")
+        window = self._windows.pop(index)
+        del self._starts[index]
+        await window.quiesce()
+        window.close()
+
+    async def unmap_all(self) -> None:
+        windows, self._windows, self._starts = self._windows, [], []
+        for window in windows:
+            await window.quiesce()
+            window.close()
+
+    async def quiesce(self) -> None:
+        """Wait until device code holds no view into any window (before a reset)."""
+        for window in list(self._windows):
+            await window.quiesce()
+
+    # What device code uses
+
+    def translate(self, address: int, length: int, *, write: bool = False) -> list[DmaSegment]:
+        """The pieces of [address, address + length) window by window; a hole is EFAULT,
+        a window without the needed permission EPERM."""
+        if length < 0 or address < 0 or address + length > _ADDRESS_LIMIT:
+            raise VfioUserError(errno.EFAULT, f"range {address:#x}+{length:#x} is invalid")
+        segments: list[DmaSegment] = []
+        position, end = address, address + length
+        index = bisect.bisect_right(self._starts, address) - 1
+        while position < end:
+            if (
+                index < 0
+                or index >= len(self._windows)
+                or self._windows[index].end <= position
+                or self._windows[index].address > position
+            ):
+                raise VfioUserError(errno.EFAULT, f"guest address {position:#x} is not mapped")
+            window = self._windows[index]
+            if not (window.writable if write else window.readable):
+                raise VfioUserError(
+                    errno.EPERM,
+                    f"window {window.address:#x} is not {'writable' if write else 'readable'}",
+                )
+            stop = min(end, window.end)
+            segments.append(DmaSegment(window, position, stop - position))
+            position = stop
+            index += 1
+        return segments
+
+    def read_direct(self, address: int, length: int) -> bytes:
+        """Read guest memory now, from windows that came with a file descriptor."""
+        segments = self.translate(address, length)
+        self._require_direct(segments)
+        return b"".join(
+            segment.window.read_direct(segment.start, segment.length) for segment in segments
+        )
+
+    def write_direct(self, address: int, data: bytes | memoryview) -> None:
+        """Write guest memory now, to windows that came with a file descriptor."""
+        segments = self.translate(address, len(data), write=True)
+        self._require_direct(segments)
+        position = 0
+        for segment in segments:
+            segment.window.write_direct(segment.start, data[position : position + segment.length])
+            position += segment.length
+        self._mark_dirty(address, len(data))
+
+    @staticmethod
+    def _require_direct(segments: list[DmaSegment]) -> None:
+        for segment in segments:
+            if not segment.window.direct:
+                raise VfioUserError(
+                    errno.EFAULT,
+                    f"window {segment.window.address:#x} has no fd:"
+                    " use `await dma.read()`/`write()` from a task",
+                )
+
+    async def read(self, address: int, length: int) -> bytes:
+        """Read guest memory through whichever path each window needs."""
+        pieces = []
+        for segment in self.translate(address, length):
+            if segment.window.direct:
+                pieces.append(segment.window.read_direct(segment.start, segment.length))
+            else:
+                pieces.append(await self._read_messages(segment.address, segment.length))
+        return b"".join(pieces)
+
+    async def write(self, address: int, data: bytes | memoryview) -> None:
+        """Write guest memory through whichever path each window needs."""
+        position = 0
+        for segment in self.translate(address, len(data), write=True):
+            piece = data[position : position + segment.length]
+            if segment.window.direct:
+                segment.window.write_direct(segment.start, piece)
+            else:
+                await self._write_messages(segment.address, bytes(piece))
+            position += segment.length
+        self._mark_dirty(address, len(data))
+
+    def _messenger(self) -> MessageDma:
+        messenger = self.messenger
+        if messenger is None:
+            raise VfioUserError(errno.ENOTCONN, "no client to send DMA messages to")
+        if messenger.in_handler():
+            raise DmaDeadlockError(
+                "message-based DMA awaited inside a client command's handler would deadlock "
+                "the client; run it in a task the handler starts"
+            )
+        return messenger
+
+    async def _read_messages(self, address: int, length: int) -> bytes:
+        messenger = self._messenger()
+        chunks = []
+        for start in range(address, address + length, messenger.max_transfer):
+            count = min(messenger.max_transfer, address + length - start)
+            chunks.append(await messenger.read(start, count))
+        return b"".join(chunks)
+
+    async def _write_messages(self, address: int, data: bytes) -> None:
+        messenger = self._messenger()
+        step = messenger.max_transfer
+        for position in range(0, len(data), step):
+            await messenger.write(address + position, data[position : position + step])
+
+    def view(self, address: int, length: int, *, write: bool = False) -> DmaView:
+        """A zero-copy view of guest memory in one mmapped window; holding it (with
+        `with` or `async with`) delays an unmap of that window until it is let go."""
+        segments = self.translate(address, length, write=write)
+        if len(segments) != 1 or segments[0].window.view is None:
+            raise VfioUserError(
+                errno.EFAULT, f"{address:#x}+{length:#x} is not in one mmapped window"
+            )
+        return DmaView(self, segments[0], write)
+
+    # Dirty-page logging
+
+    def _mark_dirty(self, address: int, length: int) -> None:
+        if self.log is not None:
+            self.log.mark(address, length)
+
+    def logging_start(self, page_size: int, ranges: list[tuple[int, int]]) -> None:
+        if page_size < PAGE_SIZE or page_size & (page_size - 1):
+            raise VfioUserError(
+                errno.EINVAL,
+                f"logging page size {page_size} is not a power of two of at least 4 KiB",
+            )
+        for start, size in ranges:
+            if not size or start + size > _ADDRESS_LIMIT:
+                raise VfioUserError(errno.EINVAL, f"logging range {start:#x}+{size:#x} is invalid")
+        if self.log is not None:
+            if self.log.page_size != page_size:
+                raise VfioUserError(
+                    errno.EINVAL, "DMA logging already runs with another page size"
+                )
+            return
+        self.log = DirtyLog(page_size, sorted(ranges))
+
+    def logging_stop(self) -> None:
+        self.log = None
+
+    def report_size(self, iova: int, length: int, page_size: int) -> int:
+        """Bytes of the bitmap a report of this range needs; EINVAL for a bad request."""
+        if self.log is None:
+            raise VfioUserError(errno.EINVAL, "DMA logging has not been started")
+        if not length or iova + length > _ADDRESS_LIMIT:
+            raise VfioUserError(errno.EINVAL, f"report range {iova:#x}+{length:#x} is invalid")
+        if page_size < PAGE_SIZE or page_size & (page_size - 1):
+            raise VfioUserError(errno.EINVAL, f"report page size {page_size} is invalid")
+        pages = -(-length // page_size)
+        return -(-pages // 64) * 8
+
+    def logging_report(self, iova: int, length: int, page_size: int) -> bytes:
+        """The dirty bitmap of a range (which may span windows and holes); clears it."""
+        self.report_size(iova, length, page_size)
+        assert self.log is not None
+        return self.log.report(iova, length, page_size)
+
+
+class DmaView:
+    """A held zero-copy view; use with `with` or `async with`."""
+
+    def __init__(self, space: DmaSpace, segment: DmaSegment, write: bool) -> None:
+        self._space = space
+        self._segment = segment
+        self._write = write
+
+    def __enter__(self) -> memoryview:
+        window = self._segment.window
+        assert window.view is not None
+        window.hold()
+        view = window.view[self._segment.start : self._segment.start + self._segment.length]
+        return view if self._write else view.toreadonly()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._write:
+            self._space._mark_dirty(self._segment.address, self._segment.length)
+        self._segment.window.release()
+
+    async def __aenter__(self) -> memoryview:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
