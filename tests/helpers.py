@@ -135,6 +135,14 @@ class RawPeer:
             data += chunk
         return data
 
+    async def send_all(self, data: bytes) -> None:
+        """Send a burst larger than the socket takes at once."""
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def receive_bytes(self, size: int) -> bytes:
+        """Exactly `size` bytes of whatever the server sends (a burst of replies)."""
+        return await self._exactly(size)
+
     async def receive(self) -> tuple[Header, bytes]:
         header = Header.parse(await self._exactly(HEADER_SIZE))
         return header, await self._exactly(header.size - HEADER_SIZE)

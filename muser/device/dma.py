@@ -28,9 +28,13 @@ from enum import Enum
 from types import TracebackType
 from typing import Protocol
 
+import structlog
+
 from muser.errors import VfioUserError
 from muser.wire import close_fds
 from muser.wire.constants import DmaMapFlag
+
+_log = structlog.get_logger("muser")
 
 PAGE_SIZE = 4096
 MAX_WINDOW_SIZE = 1 << 43
@@ -144,16 +148,22 @@ class DmaWindow:
             self._released = asyncio.Event()
             await self._released.wait()
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Unmap the window. Returns False if device code still holds a view it should
+        have let go of: the memory then stays mapped (leaked) rather than risk a crash."""
         if self.view is not None:
             self.view.release()
             self.view = None
         if self._mapping is not None:
-            self._mapping.close()
+            try:
+                self._mapping.close()
+            except BufferError:
+                return False
             self._mapping = None
         if self.file_fd is not None:
             close_fds([self.file_fd])
             self.file_fd = None
+        return True
 
     def read_direct(self, start: int, length: int) -> bytes:
         if self.view is not None:
@@ -343,14 +353,22 @@ class DmaSpace:
             raise VfioUserError(errno.ENOENT, f"no window {address:#x}+{size:#x}")
         window = self._windows.pop(index)
         del self._starts[index]
-        await window.quiesce()
-        window.close()
+        await self._retire(window)
 
     async def unmap_all(self) -> None:
         windows, self._windows, self._starts = self._windows, [], []
         for window in windows:
-            await window.quiesce()
-            window.close()
+            await self._retire(window)
+
+    @staticmethod
+    async def _retire(window: DmaWindow) -> None:
+        await window.quiesce()
+        if not window.close():
+            _log.error(
+                "device code kept a view past its `with` block; the window stays mapped",
+                address=hex(window.address),
+                size=window.size,
+            )
 
     async def quiesce(self) -> None:
         """Wait until device code holds no view into any window (before a reset)."""
