@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from muser.device import PciDevice
+from muser.device.dma import DmaLayout
 from muser.server import Server
 
 SAMPLE_PACKAGE = "muser_samples"
@@ -86,17 +87,18 @@ def qemu_hint(path: str) -> str:
         "attach QEMU with:\n"
         f'  -device \'{{"driver":"vfio-user-pci","socket":{{"type":"unix",'
         f'"path":"{path}"}}}}\'\n'
-        "  and share guest RAM so DMA works: -object memory-backend-memfd,id=mem,"
-        "size=<RAM>,share=on -machine memory-backend=mem"
+        "  and share guest RAM so DMA is direct: -object memory-backend-memfd,id=mem,"
+        "size=<RAM>,share=on -machine memory-backend=mem\n"
+        "  (memory QEMU does not share is reached by messages: run with --dma-layout qemu)"
     )
 
 
-async def serve(devices: Sequence[tuple[PciDevice, str]]) -> None:
+async def serve(devices: Sequence[tuple[PciDevice, str]], dma_layout: DmaLayout) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    servers = [Server(device, path) for device, path in devices]
+    servers = [Server(device, path, dma_layout=dma_layout) for device, path in devices]
     try:
         for server in servers:
             await server.start_serving()
@@ -136,6 +138,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-format", default="console", choices=["console", "json"])
     parser.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
+    parser.add_argument(
+        "--dma-layout",
+        default=DmaLayout.SPEC.value,
+        choices=[layout.value for layout in DmaLayout],
+        help="DMA_READ/DMA_WRITE layout: qemu for QEMU's vfio-user-pci, whose layout "
+        "differs from the spec (only used for guest memory that is not shared)",
+    )
     args = parser.parse_args(argv)
     if len(args.socket) > len(args.devices):
         parser.error("more --socket options than devices")
@@ -151,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         path = args.socket[position] if position < len(args.socket) else default_socket_path(spec)
         devices.append((device, path))
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-        runner.run(serve(devices))
+        runner.run(serve(devices, DmaLayout(args.dma_layout)))
 
 
 if __name__ == "__main__":
