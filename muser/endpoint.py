@@ -15,6 +15,8 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
+
 from muser.errors import ConnectionClosedError, VfioUserError
 from muser.transport import FdTransport
 from muser.wire import Frame, Framer, FramingError, encode_header
@@ -24,8 +26,12 @@ _MSG_ID_MODULUS = 1 << 16
 
 
 def debug_enabled(logger: Any) -> bool:
-    """Whether a structlog logger emits debug lines, so per-message logs cost nothing
-    when they would be dropped anyway."""
+    """Whether to log every message: only when the application configured structlog
+    to keep debug lines (unconfigured structlog prints every level, and a library
+    must not fill its user's stdout). Checked once per connection, so per-message
+    logging costs nothing when off."""
+    if not structlog.is_configured():
+        return False
     for name in ("is_enabled_for", "isEnabledFor"):
         check = getattr(logger, name, None)
         if check is not None:

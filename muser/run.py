@@ -25,7 +25,7 @@ from muser.device.dma import DmaLayout
 from muser.server import Server
 
 SAMPLE_PACKAGE = "muser_samples"
-DEFAULT_SAMPLE = "null"
+DEFAULT_SAMPLE = "gpio"
 
 
 def sample_names() -> list[str]:

@@ -174,7 +174,7 @@ class DmaWindow:
             raise VfioUserError(errno.EFAULT, "the window's file ended early")
         return data
 
-    def write_direct(self, start: int, data: bytes | memoryview) -> None:
+    def write_direct(self, start: int, data: bytes | bytearray | memoryview) -> None:
         if self.view is not None:
             self.view[start : start + len(data)] = data
             return
@@ -413,7 +413,7 @@ class DmaSpace:
             segment.window.read_direct(segment.start, segment.length) for segment in segments
         )
 
-    def write_direct(self, address: int, data: bytes | memoryview) -> None:
+    def write_direct(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest memory now, to windows that came with a file descriptor."""
         segments = self.translate(address, len(data), write=True)
         self._require_direct(segments)
@@ -443,7 +443,7 @@ class DmaSpace:
                 pieces.append(await self._read_messages(segment.address, segment.length))
         return b"".join(pieces)
 
-    async def write(self, address: int, data: bytes | memoryview) -> None:
+    async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest memory through whichever path each window needs."""
         position = 0
         for segment in self.translate(address, len(data), write=True):

@@ -92,6 +92,42 @@ async def test_json_logs_and_several_devices(sock_dir: str) -> None:
     assert all("level" in event for event in events)
 
 
+@one_loop
+@pytest.mark.parametrize(
+    ("args", "socket_name", "vendor"),
+    [
+        ((), "muser-gpio.sock", 0x494F),
+        (("gpio",), "muser-gpio.sock", 0x494F),
+        (("null",), "muser-null.sock", 0x4E58),
+        (("edu",), "muser-edu.sock", 0x1234),
+        (("tests.helpers:RecordingDevice",), "muser-tests-helpers-RecordingDevice.sock", 0x1AF4),
+    ],
+    ids=["no arguments", "gpio", "null", "edu", "import string"],
+)
+async def test_every_sample_starts_answers_and_stops(
+    sock_dir: str, args: tuple[str, ...], socket_name: str, vendor: int
+) -> None:
+    """With no --socket, the socket goes to $XDG_RUNTIME_DIR, named after the device."""
+    path = os.path.join(sock_dir, socket_name)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "muser.run",
+        *args,
+        cwd=ROOT,
+        env={**os.environ, "XDG_RUNTIME_DIR": sock_dir},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await wait_for_socket(path, process)
+    async with await Client.connect(path) as client:
+        config = await client.region_read(7, 0, 2)
+        assert int.from_bytes(config, "little") == vendor
+    stderr = await stop(process, signal.SIGTERM)
+    assert not os.path.exists(path)
+    assert f"serving on {path}" in stderr
+
+
 def test_help_lists_samples() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "muser.run", "--help"],
@@ -100,7 +136,8 @@ def test_help_lists_samples() -> None:
         text=True,
         check=True,
     )
-    assert "null" in result.stdout
+    for sample in ("gpio", "null", "edu"):
+        assert sample in result.stdout
     assert "--socket" in result.stdout
 
 

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from muser_samples import null
 
 import muser
 from muser import Bar, Client, Msi, MsiX, PciExpress, PowerManagement, Server
 from muser.pci import PcieType
+from muser_samples import edu, gpio, null
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.asyncio(loop_factories=["asyncio"])
@@ -203,3 +203,27 @@ async def test_null_sample_decodes_cleanly(sock_dir: str) -> None:
     )
     assert not any(line.startswith(("Region", "Capabilities")) for line in found)
     assert "Config space 256 bytes" in summary
+
+
+async def test_gpio_sample_decodes_cleanly(sock_dir: str) -> None:
+    program = [(0x18, (0xC100).to_bytes(4, "little")), (0x04, b"\x01\x00")]
+    text, summary = await decoded(gpio.create(), sock_dir, program)
+    found = lines(text)
+    assert found[0] == (
+        "00:00.0 Signal processing controller [1180]: ACCES I/O Products, Inc. PCI-IDIO-16 "
+        "Isolated Digital Input / FET Output Card [494f:0dc8]"
+    )
+    assert "Interrupt: pin A routed to IRQ 0" in found
+    assert "Region 2: I/O ports at c100" in found
+    assert "Region 2: I/O ports at 0xc100 [size=256]" in summary
+
+
+async def test_edu_sample_decodes_cleanly(sock_dir: str) -> None:
+    program = [(0x10, (0xFEA00000).to_bytes(4, "little")), (0x04, b"\x02\x00")]
+    text, summary = await decoded(edu.create(), sock_dir, program)
+    found = lines(text)
+    assert found[0].startswith("00:00.0 Unassigned class [ff00]:")
+    assert found[0].endswith("[1234:11e8] (rev 10)")
+    assert "Region 0: Memory at fea00000 (32-bit, non-prefetchable)" in found
+    assert "Capabilities: [40] MSI: Enable- Count=1/1 Maskable- 64bit+" in found
+    assert "Region 0: Memory at 0xfea00000 (32-bit, non-prefetchable) [size=1048576]" in summary
