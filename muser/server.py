@@ -136,14 +136,19 @@ class Server:
         except OSError as exc:
             self.log.warning("accept failed", error=str(exc))
             return
+        try:
+            connection = ServerConnection(
+                sock,
+                self.device,
+                max_data_xfer_size=self.max_data_xfer_size,
+                dma_layout=self.dma_layout,
+                logger=self.log,
+            )
+        except Exception as exc:
+            sock.close()
+            self.log.exception("could not set up a client connection", exc_info=exc)
+            return
         self._pause_accepting()
-        connection = ServerConnection(
-            sock,
-            self.device,
-            max_data_xfer_size=self.max_data_xfer_size,
-            dma_layout=self.dma_layout,
-            logger=self.log,
-        )
         connection.log = self.log.bind(client_pid=connection.transport.peer_pid())
         connection.log.info("client connected")
         self.connection = connection

@@ -9,6 +9,7 @@ import stat
 
 import pytest
 
+import muser.server
 from muser import Client, ConnectionClosedError, ResetReason, Server
 from muser.wire.constants import Command
 from muser.wire.messages import DmaMap, IrqSet
@@ -169,3 +170,24 @@ async def test_lost_connection_waits_for_in_flight_handler(
         await asyncio.sleep(0.01)
     assert device.log == [("write_io", 0, b"z")]
     assert device.resets == [ResetReason.LOST_CONNECTION]
+
+
+async def test_a_failing_connection_setup_keeps_the_server_accepting(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = muser.server.ServerConnection
+    calls = []
+
+    def fail_once(*args: object, **kwargs: object) -> object:
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(muser.server, "ServerConnection", fail_once)
+    before = open_fds()
+    with pytest.raises((ConnectionError, OSError)):
+        await asyncio.wait_for(Client.connect(server.path), 5)
+    assert open_fds() == before
+    async with await asyncio.wait_for(Client.connect(server.path), 5) as client:
+        assert (await client.get_device_info()).num_regions == 9
