@@ -405,8 +405,26 @@ class DmaSpace:
             index += 1
         return segments
 
+    def _direct_window(self, address: int, length: int, write: bool) -> DmaWindow | None:
+        """The one fd-backed window that holds the whole range with the needed access,
+        or None when the general path must decide (several windows, holes, messages)."""
+        index = bisect.bisect_right(self._starts, address) - 1
+        if index < 0 or length < 0:
+            return None
+        window = self._windows[index]
+        if (
+            address + length <= window.address + window.size
+            and window.direct
+            and (window.writable if write else window.readable)
+        ):
+            return window
+        return None
+
     def read_direct(self, address: int, length: int) -> bytes:
         """Read guest memory now, from windows that came with a file descriptor."""
+        window = self._direct_window(address, length, False)
+        if window is not None:
+            return window.read_direct(address - window.address, length)
         segments = self.translate(address, length)
         self._require_direct(segments)
         return b"".join(
@@ -415,6 +433,12 @@ class DmaSpace:
 
     def write_direct(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest memory now, to windows that came with a file descriptor."""
+        window = self._direct_window(address, len(data), True)
+        if window is not None:
+            window.write_direct(address - window.address, data)
+            if self.log is not None:
+                self.log.mark(address, len(data))
+            return
         segments = self.translate(address, len(data), write=True)
         self._require_direct(segments)
         position = 0
@@ -435,6 +459,9 @@ class DmaSpace:
 
     async def read(self, address: int, length: int) -> bytes:
         """Read guest memory through whichever path each window needs."""
+        window = self._direct_window(address, length, False)
+        if window is not None:
+            return window.read_direct(address - window.address, length)
         pieces = []
         for segment in self.translate(address, length):
             if segment.window.direct:
@@ -445,6 +472,9 @@ class DmaSpace:
 
     async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest memory through whichever path each window needs."""
+        if self._direct_window(address, len(data), True) is not None:
+            self.write_direct(address, data)
+            return
         position = 0
         for segment in self.translate(address, len(data), write=True):
             piece = data[position : position + segment.length]
@@ -535,19 +565,22 @@ class DmaSpace:
 
 
 class DmaView:
-    """A held zero-copy view; use with `with` or `async with`."""
+    """A held zero-copy view; use with `with` or `async with`. The memoryview is
+    released when the block ends, so it can't outlive the window it points into."""
 
     def __init__(self, space: DmaSpace, segment: DmaSegment, write: bool) -> None:
         self._space = space
         self._segment = segment
         self._write = write
+        self._views: list[memoryview] = []
 
     def __enter__(self) -> memoryview:
         window = self._segment.window
         assert window.view is not None
         window.hold()
         view = window.view[self._segment.start : self._segment.start + self._segment.length]
-        return view if self._write else view.toreadonly()
+        self._views = [view] if self._write else [view, view.toreadonly()]
+        return self._views[-1]
 
     def __exit__(
         self,
@@ -555,6 +588,9 @@ class DmaView:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        for view in reversed(self._views):
+            view.release()
+        self._views = []
         if self._write:
             self._space._mark_dirty(self._segment.address, self._segment.length)
         self._segment.window.release()

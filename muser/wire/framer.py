@@ -136,6 +136,7 @@ class Framer:
         position = 0
         fds_owner: Frame | None = None
         fds_to_pending = False
+        view = memoryview(source)
         try:
             while position < total:
                 starts_here = position >= first_new
@@ -147,13 +148,8 @@ class Framer:
                 if total - position < size:
                     fds_to_pending = fds_to_pending or starts_here
                     break
-                frame = Frame(
-                    msg_id,
-                    command,
-                    flags,
-                    error,
-                    bytes(source[position + HEADER_SIZE : position + size]),
-                )
+                payload = bytes(view[position + HEADER_SIZE : position + size])
+                frame = Frame(msg_id, command, flags, error, payload)
                 if self._pending_fds:
                     frame.fds = self._pending_fds
                     self._pending_fds = []
@@ -165,24 +161,32 @@ class Framer:
             close_fds(fds)
             self.close()
             raise FramingError(str(exc), frames) from None
+        finally:
+            view.release()  # the held buffer must stay resizable for the next feed
         if position:
             self._buffer = bytearray(source[position:])
         elif not held:
             self._buffer = bytearray(source)
         if fds:
-            if fds_to_pending:
-                self._pending_fds = list(fds)
-            elif fds_owner is not None:
-                fds_owner.fds = list(fds)
-            else:
-                # No message starts in this input, so the only frame it completed is
-                # the one whose body carried the fds: it is the violation, not before it.
-                close_fds(fds)
-                self.close()
-                for frame in frames:
-                    frame.close_fds()
-                raise FramingError("file descriptors arrived with message body bytes", [])
+            self._attribute_fds(fds, frames, fds_owner, to_pending=fds_to_pending)
         return frames
+
+    def _attribute_fds(
+        self, fds: Sequence[int], frames: list[Frame], owner: Frame | None, *, to_pending: bool
+    ) -> None:
+        """Give a receive's fds to the last message that started in it."""
+        if to_pending:
+            self._pending_fds = list(fds)
+        elif owner is not None:
+            owner.fds = list(fds)
+        else:
+            # No message starts in this input, so the only frame it completed is the
+            # one whose body carried the fds: it is the violation, not before it.
+            close_fds(fds)
+            self.close()
+            for frame in frames:
+                frame.close_fds()
+            raise FramingError("file descriptors arrived with message body bytes", [])
 
     def _check_header(self, size: int, flags: int) -> None:
         message_type = flags & MESSAGE_TYPE_MASK

@@ -554,3 +554,19 @@ class TestDirtyLogging:
         stop = await client.device_feature(FeatureFlag.SET | 7, start_logging())
         assert stop.data == start_logging(), "STOP ignores and echoes what it is sent"
         assert device.dma.log is None
+
+
+async def test_a_view_cannot_outlive_its_block(
+    client: Client, device: DmaDevice, guest: tuple[int, mmap.mmap]
+) -> None:
+    """The usual `with ... as view:` leaves the name bound; the view itself is released
+    so the window unmaps cleanly instead of leaking its mapping."""
+    await client.dma_map(0x10000, 0x1000, fd=guest[0])
+    with device.dma.view(0x10000, 16) as view:
+        assert len(view) == 16
+    with pytest.raises(ValueError, match="released"):
+        bytes(view)
+    windows = device.dma.windows
+    await client.dma_unmap(0x10000, 0x1000)
+    assert windows[0].view is None
+    assert windows[0].close(), "the mapping is gone, nothing kept it"
