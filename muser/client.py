@@ -257,13 +257,20 @@ class Client(Endpoint):
         else:
             await self.request(Command.REGION_WRITE, request)
 
-    async def region_write_multi(self, writes: Iterable[tuple[int, int, bytes]]) -> None:
-        """Posted REGION_WRITE_MULTI of (region, offset, data ≤ 8 bytes) writes."""
+    async def region_write_multi(
+        self, writes: Iterable[tuple[int, int, bytes]], *, posted: bool = True
+    ) -> None:
+        """REGION_WRITE_MULTI of (region, offset, data of 1-8 bytes) writes, posted as
+        QEMU sends it unless `posted` is False."""
         entries = tuple(
             WriteOne(offset, region, len(data), data.ljust(8, b"\0"))
             for region, offset, data in writes
         )
-        self.post(Command.REGION_WRITE_MULTI, WriteMulti(len(entries), entries).build())
+        request = WriteMulti(len(entries), entries).build()
+        if posted:
+            self.post(Command.REGION_WRITE_MULTI, request)
+        else:
+            await self.request(Command.REGION_WRITE_MULTI, request)
 
     async def dma_map(
         self,

@@ -13,7 +13,8 @@ import errno
 import inspect
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from muser.device import PciDevice, ResetReason
@@ -42,6 +43,10 @@ from muser.wire.constants import (
     DmaUnmapFlag,
     Feature,
     FeatureFlag,
+    IoEventFdFlag,
+    IoFdType,
+    RegionCapId,
+    RegionFlag,
 )
 from muser.wire.messages import (
     DeviceFeature,
@@ -55,12 +60,21 @@ from muser.wire.messages import (
     DmaUnmap,
     DmaUnmapReply,
     Empty,
+    IoEventFdEntry,
+    IoFdsReply,
+    IoFdsRequest,
     IrqInfo,
     IrqSet,
     RegionAccess,
     RegionData,
     RegionInfo,
+    SparseMmapArea,
+    SparseMmapCap,
     Version,
+    WriteMulti,
+    WriteMultiReply,
+    WriteOne,
+    region_caps_bytes,
 )
 
 MAX_MSG_FDS = 16
@@ -88,16 +102,22 @@ _KNOWN_FEATURE_BITS = int(
 _UNMAP_FLAGS = int(DmaUnmapFlag.GET_DIRTY_BITMAP | DmaUnmapFlag.UNMAP_ALL)
 
 NOT_YET_SUPPORTED = (
-    Command.DEVICE_GET_REGION_IO_FDS,
-    Command.REGION_WRITE_MULTI,
     Command.MIG_DATA_READ,
     Command.MIG_DATA_WRITE,
 )
 """Commands muser knows but does not serve yet: answered ENOTSUP, fds closed."""
 
 
-Outcome = Layout | None
-"""What a handler answers: a reply payload, or None for a header-only reply."""
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply payload that carries file descriptors (still owned by the device)."""
+
+    payload: Layout
+    fds: Sequence[int]
+
+
+Outcome = Layout | Reply | None
+"""What a handler answers: a reply payload, one with fds, or None for header-only."""
 Handler = Callable[[Frame], Outcome | Awaitable[Outcome]]
 
 
@@ -146,6 +166,8 @@ class ServerConnection(Endpoint):
             Command.DMA_MAP: self._dma_map,
             Command.DMA_UNMAP: self._dma_unmap,
             Command.DEVICE_FEATURE: self._device_feature,
+            Command.DEVICE_GET_REGION_IO_FDS: self._region_io_fds,
+            Command.REGION_WRITE_MULTI: self._region_write_multi,
         }
         for command in NOT_YET_SUPPORTED:
             self._handlers[command] = self._not_supported
@@ -254,8 +276,10 @@ class ServerConnection(Endpoint):
     def _reply(self, frame: Frame, outcome: Outcome) -> None:
         if frame.no_reply:
             return
-        payload = b"" if outcome is None else outcome.build()
-        self._send_reply(frame, FLAGS_REPLY, payload)
+        if isinstance(outcome, Reply):
+            self._send_reply(frame, FLAGS_REPLY, outcome.payload.build(), outcome.fds)
+        else:
+            self._send_reply(frame, FLAGS_REPLY, b"" if outcome is None else outcome.build())
 
     def _reply_error(self, frame: Frame, exc: Exception) -> None:
         if isinstance(exc, VfioUserError):
@@ -278,9 +302,16 @@ class ServerConnection(Endpoint):
         if not frame.no_reply:
             self._send_reply(frame, FLAGS_ERROR_REPLY, error=code)
 
-    def _send_reply(self, frame: Frame, flags: int, payload: bytes = b"", error: int = 0) -> None:
+    def _send_reply(
+        self,
+        frame: Frame,
+        flags: int,
+        payload: bytes = b"",
+        fds: Sequence[int] = (),
+        error: int = 0,
+    ) -> None:
         try:
-            self.send(frame.msg_id, frame.command, flags, payload, error=error)
+            self.send(frame.msg_id, frame.command, flags, payload, fds, error=error)
         except ConnectionClosedError:
             return
 
@@ -342,7 +373,11 @@ class ServerConnection(Endpoint):
             "pgsizes": DEFAULT_PGSIZES,
             "max_dma_maps": self.device.dma.max_windows,
         }
-        chosen = {name: value for name, value in ours.items() if name in self.peer.offered}
+        chosen: dict[str, object] = {
+            name: value for name, value in ours.items() if name in self.peer.offered
+        }
+        if self.peer.write_multiple:
+            chosen["write_multiple"] = True
         encoded = build_capabilities(chosen)
         for name, default in _SPEC_DEFAULTS.items():
             if HEADER_SIZE + 4 + len(encoded) <= request_size:
@@ -363,14 +398,91 @@ class ServerConnection(Endpoint):
             self.device.num_irqs,
         )
 
-    def _region_info(self, frame: Frame) -> RegionInfo:
+    def _region_info(self, frame: Frame) -> Outcome:
         request = RegionInfo.parse(frame.payload)
         if request.argsz < RegionInfo.SIZE:
             raise ProtocolError(f"GET_REGION_INFO argsz {request.argsz} is too small")
         if request.index >= self.device.num_regions:
             raise ProtocolError(f"region {request.index} does not exist")
         flags, size = self.device.region_flags_and_size(request.index)
-        return RegionInfo(RegionInfo.SIZE, flags, request.index, 0, size, 0, b"")
+        shared = self.device.shared.get(request.index)
+        if shared is None:
+            return RegionInfo(RegionInfo.SIZE, flags, request.index, 0, size, 0, b"")
+        areas = tuple(SparseMmapArea(offset, length) for offset, length in shared.areas)
+        sparse = SparseMmapCap(RegionCapId.SPARSE_MMAP, 1, 0, len(areas), 0, areas)
+        caps = region_caps_bytes([sparse])
+        needed = RegionInfo.SIZE + len(caps)
+        flags |= RegionFlag.MMAP
+        if request.argsz < needed:
+            # Too small for the capability chain: say how much is needed, send no fd,
+            # and the client asks again (protocol.md §3.5).
+            return RegionInfo(needed, flags, request.index, 0, size, shared.offset, b"")
+        info = RegionInfo(
+            needed,
+            flags | RegionFlag.CAPS,
+            request.index,
+            RegionInfo.SIZE,
+            size,
+            shared.offset,
+            caps,
+        )
+        return Reply(info, (shared.fd,))
+
+    def _region_io_fds(self, frame: Frame) -> Outcome:
+        request = IoFdsRequest.parse(frame.payload)
+        if request.flags or request.count:
+            raise ProtocolError("GET_REGION_IO_FDS takes no flags and no count")
+        if request.argsz < IoFdsRequest.SIZE:
+            raise ProtocolError(f"GET_REGION_IO_FDS argsz {request.argsz} is too small")
+        if request.index >= self.device.num_regions or not self.device.region_size(request.index):
+            raise ProtocolError(f"region {request.index} does not exist")
+        doorbells = self.device.doorbells.by_region.get(request.index, [])
+        bar = self.device.bars[request.index] if doorbells else None
+        pio = IoEventFdFlag.PIO if bar is not None and bar.io else 0
+        entries = b"".join(
+            IoEventFdEntry(
+                doorbell.offset,
+                doorbell.size,
+                fd_index,
+                IoFdType.IOEVENTFD,
+                pio | (IoEventFdFlag.DATAMATCH if doorbell.datamatch is not None else 0),
+                0,
+                0,
+                doorbell.datamatch or 0,
+            ).build()
+            for fd_index, (doorbell, _fd) in enumerate(doorbells)
+        )
+        needed = IoFdsRequest.SIZE + len(entries)
+        if request.argsz < needed:
+            return IoFdsReply(needed, 0, request.index, len(doorbells), b"")
+        reply = IoFdsReply(needed, 0, request.index, len(doorbells), entries)
+        return Reply(reply, [fd for _doorbell, fd in doorbells])
+
+    def _region_write_multi(self, frame: Frame) -> Outcome | Awaitable[Outcome]:
+        """Each write in order, as if it were a REGION_WRITE; QEMU always posts these."""
+        request = WriteMulti.parse(frame.payload)
+        for write in request.writes:
+            if not 1 <= write.count <= len(write.data):
+                raise ProtocolError(f"REGION_WRITE_MULTI entry of {write.count} bytes")
+            self._check_access(write.region, write.offset, write.count)
+        reply = WriteMultiReply(request.wr_cnt)
+        for position, write in enumerate(request.writes):
+            done = self.device.write_region(write.region, write.offset, write.data[: write.count])
+            if done is not None:
+                return self._finish_writes(done, request.writes[position + 1 :], reply)
+        return reply
+
+    async def _finish_writes(
+        self, done: Awaitable[None], rest: Sequence[WriteOne], reply: WriteMultiReply
+    ) -> WriteMultiReply:
+        await done
+        for write in rest:
+            pending = self.device.write_region(
+                write.region, write.offset, write.data[: write.count]
+            )
+            if pending is not None:
+                await pending
+        return reply
 
     def _irq_info(self, frame: Frame) -> IrqInfo:
         request = IrqInfo.parse(frame.payload)

@@ -104,6 +104,7 @@ class Server:
             return
         self._closed = asyncio.Event()
         self._listener, self._identity = bind_unix_socket(self.path)
+        self.device.doorbells.watch()
         self._resume_accepting()
         self.log.info("serving")
 
@@ -170,6 +171,7 @@ class Server:
         self._listener.close()
         self._listener = None
         self._unlink_own_socket()
+        self.device.doorbells.unwatch()
         if self.connection is not None:
             self.connection.close()
         if self._closed is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from enum import Enum
 from types import MappingProxyType
 from typing import TypeVar
@@ -11,6 +11,7 @@ from typing import TypeVar
 from muser.device.dma import DmaSpace
 from muser.device.irq import Interrupts
 from muser.device.regions import Bar, ConfigRegisters
+from muser.device.shared import DoorbellFds, SharedBar
 from muser.errors import VfioUserError
 from muser.pci.capabilities import Capability, ExtendedCapability, Msi, MsiX
 from muser.pci.config import HEADER_SIZE, ConfigSpace, Reg, rom_size_for
@@ -144,7 +145,14 @@ class PciDevice:
         self.dma = DmaSpace()
         """Guest memory as the attached client mapped it."""
         self._watchers: list[tuple[range, ConfigWatcher]] = []
-        self._emulated_bar_ranges = self._msix_ranges(msix)
+        self.shared = {
+            index: SharedBar(bar, f"{self.name}-bar{index}")
+            for index, bar in self.bars.items()
+            if bar.shared is not None
+        }
+        """The memory behind BARs a client may mmap, by BAR index."""
+        self.doorbells = DoorbellFds(dict(self.bars))
+        self._emulated_bar_ranges = self._bar_ranges(msix)
         self.watch_config(Reg.COMMAND, 2, self.irqs.command_changed)
         if msi is not None:
             base = self.config.offset_of(msi)
@@ -194,8 +202,10 @@ class PciDevice:
         ):
             raise ValueError("the MSI-X table and PBA overlap")
 
-    def _msix_ranges(self, msix: MsiX | None) -> dict[int, list[tuple[range, str]]]:
-        """Per BAR, the ranges muser serves itself: the MSI-X table and PBA."""
+    def _bar_ranges(self, msix: MsiX | None) -> dict[int, list[tuple[range, str]]]:
+        """Per BAR, the ranges muser serves itself: the MSI-X table and PBA, and memory
+        a client may map; and the checks that they stay apart from each other and
+        from doorbells."""
         ranges: dict[int, list[tuple[range, str]]] = {}
         if msix is not None:
             ranges.setdefault(msix.table_bar, []).append(
@@ -204,9 +214,36 @@ class PciDevice:
             ranges.setdefault(msix.pba_bar, []).append(
                 (range(msix.pba_offset, msix.pba_offset + msix.pba_bytes), "pba")
             )
+        for index, bar in self.bars.items():
+            areas = [range(offset, offset + size) for offset, size in bar.mmap_areas]
+            for span, what in ranges.get(index, []):
+                if any(span.start < area.stop and area.start < span.stop for area in areas):
+                    raise ValueError(f"the MSI-X {what} must stay out of BAR{index}'s mmap areas")
+            for doorbell in bar.doorbells:
+                if any(area.start <= doorbell.offset < area.stop for area in areas):
+                    raise ValueError(
+                        f"doorbell at {doorbell.offset:#x} lies in an mmap area, "
+                        "where writes are not seen"
+                    )
+            ranges.setdefault(index, []).extend((area, "shared") for area in areas)
         for spans in ranges.values():
             spans.sort(key=lambda item: item[0].start)
-        return ranges
+        return {index: spans for index, spans in ranges.items() if spans}
+
+    def shared_memory(self, index: int) -> memoryview:
+        """The bytes of mappable BAR `index`, the same ones the client maps."""
+        return self.shared[index].memory
+
+    def watch_memory(
+        self, index: int, offset: int, size: int, *, interval: float = 0.01
+    ) -> AsyncIterator[bytes]:
+        """Poll part of a mappable BAR every `interval` seconds and yield its bytes
+        whenever they changed: for registers a client writes through its mapping,
+        where no doorbell can tell the device."""
+        shared = self.shared[index]
+        if offset < 0 or size <= 0 or offset + size > shared.size:
+            raise ValueError(f"{offset:#x}+{size:#x} is outside BAR{index}")
+        return shared.changes(offset, size, interval)
 
     def watch_config(self, offset: int, size: int, watcher: ConfigWatcher) -> None:
         """Call `watcher(old, new)` after a guest write changes the `size`-byte register
@@ -289,13 +326,16 @@ class PciDevice:
         self, index: int, offset: int, count: int, emulated: list[tuple[range, str]]
     ) -> bytes | Awaitable[bytes]:
         table = self.irqs.msix_table
-        assert table is not None
         pieces: list[bytes | Awaitable[bytes]] = []
         for start, stop, what in split_access(offset, count, emulated):
-            if what == "table":
+            if what == "shared":
+                pieces.append(self.shared[index].read(start, stop - start))
+            elif what == "table":
+                assert table is not None
                 base = table.capability.table_offset
                 pieces.append(table.read(start - base, stop - start))
             elif what == "pba":
+                assert table is not None
                 base = table.capability.pba_offset
                 pieces.append(self.irqs.pba()[start - base : stop - base])
             else:
@@ -306,6 +346,11 @@ class PciDevice:
         """A client write, already checked against the region's bounds."""
         if index == PciRegion.CONFIG:
             return self.write_config(offset, data)
+        bar = self.bars.get(index)
+        if bar is not None:
+            for doorbell in bar.doorbells:
+                if doorbell.matches(offset, data):
+                    return doorbell.handler(int.from_bytes(data, "little"), 1)
         emulated = self._emulated_bar_ranges.get(index)
         if emulated:
             return self._write_emulated_bar(index, offset, data, emulated)
@@ -320,14 +365,17 @@ class PciDevice:
     def _write_emulated_bar(
         self, index: int, offset: int, data: bytes, emulated: list[tuple[range, str]]
     ) -> Awaitable[None] | None:
-        """MSI-X table writes are emulated (unmasking releases pending vectors), PBA
-        writes are ignored as the spec says, the rest goes to the BAR's handler."""
+        """Shared memory takes the bytes, MSI-X table writes are emulated (unmasking
+        releases pending vectors), PBA writes are ignored as the spec says, the rest
+        goes to the BAR's handler."""
         table = self.irqs.msix_table
-        assert table is not None
         pending: list[Awaitable[None]] = []
         for start, stop, what in split_access(offset, len(data), emulated):
             piece = data[start - offset : stop - offset]
-            if what == "table":
+            if what == "shared":
+                self.shared[index].write(start, piece)
+            elif what == "table":
+                assert table is not None
                 unmasked = table.write(start - table.capability.table_offset, piece)
                 self.irqs.msix_table_unmasked(unmasked)
             elif what is None:

@@ -1,20 +1,75 @@
-"""What a device exposes to the guest and who handles the accesses: BARs, and
-ranges of config space that device code serves itself."""
+"""What a device exposes to the guest and who handles the accesses: BARs (with
+shared memory the client may map, and doorbells), and ranges of config space that
+device code serves itself."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ReadHandler = Callable[[int, int], bytes | Awaitable[bytes]]
 """`read(offset, count)` returns exactly `count` bytes; may be `async def`."""
 WriteHandler = Callable[[int, bytes], Awaitable[None] | None]
 """`write(offset, data)`; may be `async def`."""
 
+DoorbellHandler = Callable[[int | None, int], Awaitable[None] | None]
+"""`handler(value, count)`: the doorbell was rung `count` times (coalesced), with
+`value` written; None when an ioeventfd without datamatch rang, which does not say.
+May be `async def`."""
+
+PAGE_SIZE = 4096
 MIN_MEMORY_BAR = 16
 MIN_IO_BAR = 4
 MAX_IO_BAR = 256
 MAX_32BIT_BAR = 1 << 31
+
+
+@dataclass(frozen=True)
+class SharedMemory:
+    """BAR memory the client may mmap. muser backs the BAR with a memfd it creates,
+    or with `fd` (the author's, from `offset`), and offers the client `areas`
+    ((offset, size) pairs within the BAR, page-aligned; the whole BAR by default).
+    Device code and message accesses use the same memory; writes into the areas
+    that the client makes through its mapping are not reported (use doorbells
+    outside the areas, or `PciDevice.watch_memory`)."""
+
+    areas: tuple[tuple[int, int], ...] = ()
+    fd: int | None = None
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.offset < 0 or self.offset % PAGE_SIZE:
+            raise ValueError("the shared memory's file offset must be page-aligned")
+        for offset, size in self.areas:
+            if size <= 0 or offset % PAGE_SIZE or size % PAGE_SIZE:
+                raise ValueError(f"mmap area {offset:#x}+{size:#x} is not whole pages")
+
+
+@dataclass(frozen=True)
+class Doorbell:
+    """A register whose writes only need to wake the device (an ioeventfd): muser
+    calls `handler` for each write of `size` bytes at `offset` (matching `datamatch`,
+    if given), whether it arrives through the eventfd DEVICE_GET_REGION_IO_FDS hands
+    out, or as a REGION_WRITE (QEMU's client does not use ioeventfds yet)."""
+
+    offset: int
+    size: int
+    handler: DoorbellHandler
+    datamatch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.size not in (1, 2, 4, 8) or self.offset < 0 or self.offset % self.size:
+            raise ValueError("a doorbell is 1, 2, 4 or 8 bytes at an aligned offset")
+        if self.datamatch is not None and not 0 <= self.datamatch < 1 << (8 * self.size):
+            raise ValueError("datamatch does not fit the doorbell's size")
+
+    def matches(self, offset: int, data: bytes) -> bool:
+        """Whether a write of `data` at `offset` rings this doorbell."""
+        return (
+            offset == self.offset
+            and len(data) == self.size
+            and (self.datamatch is None or int.from_bytes(data, "little") == self.datamatch)
+        )
 
 
 @dataclass(frozen=True)
@@ -29,6 +84,8 @@ class Bar:
     io: bool = False
     is_64bit: bool = False
     prefetchable: bool = False
+    shared: SharedMemory | None = None
+    doorbells: tuple[Doorbell, ...] = field(default=())
 
     def __post_init__(self) -> None:
         size = self.size
@@ -43,6 +100,27 @@ class Bar:
             raise ValueError(f"memory BAR size must be at least {MIN_MEMORY_BAR} bytes")
         elif not self.is_64bit and size > MAX_32BIT_BAR:
             raise ValueError("a 32-bit memory BAR is at most 2 GiB; declare is_64bit=True")
+        if self.shared is not None:
+            if self.io:
+                raise ValueError("only memory BARs can be mapped")
+            areas = list(self.mmap_areas)
+            for (start, length), following in zip(
+                areas, [*areas[1:], (self.size, 0)], strict=True
+            ):
+                if start + length > following[0]:
+                    raise ValueError(
+                        f"mmap area {start:#x}+{length:#x} overlaps the next one or leaves the BAR"
+                    )
+        for doorbell in self.doorbells:
+            if doorbell.offset + doorbell.size > self.size:
+                raise ValueError(f"doorbell at {doorbell.offset:#x} is outside the BAR")
+
+    @property
+    def mmap_areas(self) -> tuple[tuple[int, int], ...]:
+        """The areas a client may map: as declared, or the whole BAR."""
+        if self.shared is None:
+            return ()
+        return tuple(sorted(self.shared.areas)) or ((0, self.size),)
 
     @property
     def type_bits(self) -> int:

@@ -444,6 +444,19 @@ def region_caps_bytes(caps: list[RegionCap]) -> bytes:
     return bytes(out)
 
 
+def io_fd_entries(reply: IoFdsReply) -> list[IoEventFdEntry]:
+    """The sub-region entries of an IO_FDS reply (none when its argsz fell short)."""
+    if not reply.entries:
+        return []
+    if len(reply.entries) != reply.count * IoEventFdEntry.SIZE:
+        raise ProtocolError(f"{len(reply.entries)} entry bytes for {reply.count} entries")
+    size = IoEventFdEntry.SIZE
+    return [
+        IoEventFdEntry.parse(reply.entries[start : start + size])
+        for start in range(0, len(reply.entries), size)
+    ]
+
+
 FEATURE_DATA: dict[Feature, type[Layout]] = {
     Feature.MIGRATION: MigrationFeature,
     Feature.MIG_DEVICE_STATE: MigDeviceState,

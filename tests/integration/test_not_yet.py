@@ -20,7 +20,6 @@ Call = Callable[[Client, list[int]], Awaitable[Any]]
 
 def calls() -> list[tuple[Command, Call]]:
     return [
-        (Command.DEVICE_GET_REGION_IO_FDS, lambda c, _: c.get_region_io_fds(0)),
         (Command.MIG_DATA_READ, lambda c, _: c.mig_data_read(4096)),
         (Command.MIG_DATA_WRITE, lambda c, _: c.mig_data_write(b"state")),
     ]
@@ -40,8 +39,3 @@ async def test_refused_with_enotsup(client: Client, command: Command, call: Call
     assert str(caught.value).startswith(f"{command.name} failed")
     assert await client.region_read(7, 0, 2) == b"\xf4\x1a"
     assert open_fds() == before
-
-
-async def test_posted_write_multi_is_dropped_silently(client: Client) -> None:
-    await client.region_write_multi([(0, 0, b"ab"), (0, 8, b"cdefghij")])
-    assert await client.region_read(0, 0, 2) == b"\0\0"
