@@ -5,8 +5,9 @@ a UNIX socket to a vfio-user client such as QEMU's `vfio-user-pci`; `Client`
 speaks the protocol from the other side, for tests and tools.
 """
 
-from muser.client import Client
+from muser.client import Client, MigrationReport, migrate
 from muser.device import Bar, ConfigRegisters, PciDevice, ResetReason
+from muser.device.migration import Migration
 from muser.errors import ConnectionClosedError, ProtocolError, VfioUserError
 from muser.pci import (
     DeviceSerialNumber,
@@ -19,6 +20,7 @@ from muser.pci import (
     VendorSpecificExtended,
 )
 from muser.server import Server
+from muser.wire.constants import MigrationState
 
 __all__ = [
     "Bar",
@@ -26,6 +28,9 @@ __all__ = [
     "ConfigRegisters",
     "ConnectionClosedError",
     "DeviceSerialNumber",
+    "Migration",
+    "MigrationReport",
+    "MigrationState",
     "Msi",
     "MsiX",
     "PciDevice",
@@ -38,4 +43,5 @@ __all__ = [
     "VendorSpecific",
     "VendorSpecificExtended",
     "VfioUserError",
+    "migrate",
 ]

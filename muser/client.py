@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -30,6 +31,10 @@ from muser.wire.constants import (
     Command,
     DmaMapFlag,
     DmaUnmapFlag,
+    Feature,
+    FeatureFlag,
+    MigrationFlag,
+    MigrationState,
 )
 from muser.wire.messages import (
     DeviceFeature,
@@ -47,6 +52,8 @@ from muser.wire.messages import (
     IrqSet,
     MigData,
     MigDataRead,
+    MigDeviceState,
+    MigrationFeature,
     RegionAccess,
     RegionData,
     RegionInfo,
@@ -282,10 +289,11 @@ class Client(Endpoint):
         flags: int = DmaMapFlag.READ | DmaMapFlag.WRITE,
         backing: bytearray | memoryview | None = None,
     ) -> None:
-        """Map a window of guest memory: shared through `fd`, or, without one, reached
-        by the server's DMA_READ/DMA_WRITE, which this client serves from `backing`."""
-        if backing is not None and (fd is not None or len(backing) < size):
-            raise ValueError("backing memory is for windows without an fd, and covers them")
+        """Map a window of guest memory, shared through `fd` or not. The server's
+        DMA_READ/DMA_WRITE to it are served from `backing` (the same memory as the fd's,
+        when there is one: a server may use messages even then)."""
+        if backing is not None and len(backing) < size:
+            raise ValueError("backing memory must cover the window")
         request = DmaMap(32, flags, offset, address, size).build()
         await self.request(Command.DMA_MAP, request, () if fd is None else (fd,))
         if backing is not None:
@@ -299,6 +307,24 @@ class Client(Endpoint):
         else:
             self._guest.pop(address, None)
         return reply
+
+    async def migration_flags(self) -> MigrationFlag:
+        reply = await self.device_feature(
+            FeatureFlag.GET | Feature.MIGRATION, argsz=DeviceFeature.SIZE + MigrationFeature.SIZE
+        )
+        return MigrationFlag(MigrationFeature.parse(reply.data).flags)
+
+    async def migration_state(self) -> MigrationState:
+        reply = await self.device_feature(
+            FeatureFlag.GET | Feature.MIG_DEVICE_STATE,
+            argsz=DeviceFeature.SIZE + MigDeviceState.SIZE,
+        )
+        return MigrationState(MigDeviceState.parse(reply.data).device_state)
+
+    async def set_migration_state(self, state: MigrationState) -> None:
+        await self.device_feature(
+            FeatureFlag.SET | Feature.MIG_DEVICE_STATE, MigDeviceState(state, 0).build()
+        )
 
     async def reset(self) -> None:
         await self.request(Command.DEVICE_RESET, Empty().build())
@@ -318,3 +344,51 @@ class Client(Endpoint):
     async def mig_data_write(self, data: bytes) -> None:
         request = MigData(8 + len(data), len(data), data).build()
         await self.request(Command.MIG_DATA_WRITE, request)
+
+
+@dataclass(frozen=True)
+class MigrationReport:
+    """What `migrate` moved."""
+
+    pre_copy_bytes: int
+    stop_copy_bytes: int
+    pre_copy_rounds: int
+
+
+async def migrate(
+    source: Client, destination: Client, *, pre_copy_rounds: int = 2, chunk_size: int | None = None
+) -> MigrationReport:
+    """Move a device's state from the server `source` talks to, to `destination`'s,
+    as a VMM does: pre-copy rounds while the source runs (if it supports them), then
+    stop-and-copy; the destination loads it, the source stays stopped, the
+    destination runs. DMA windows and interrupts are the caller's to set up."""
+    size = chunk_size or min(source.max_data_xfer_size, destination.max_data_xfer_size)
+    if source.server is not None:
+        size = min(size, source.server.max_data_xfer_size)
+    flags = await source.migration_flags()
+    await destination.set_migration_state(MigrationState.RESUMING)
+    pre_copy = rounds = 0
+    if flags & MigrationFlag.PRE_COPY and pre_copy_rounds:
+        await source.set_migration_state(MigrationState.PRE_COPY)
+        for rounds in range(1, pre_copy_rounds + 1):  # noqa: B007 - reported
+            moved = await _copy(source, destination, size)
+            pre_copy += moved
+            if not moved:
+                break
+    await source.set_migration_state(MigrationState.STOP_COPY)
+    stop_copy = await _copy(source, destination, size)
+    await destination.set_migration_state(MigrationState.STOP)
+    await source.set_migration_state(MigrationState.STOP)
+    await destination.set_migration_state(MigrationState.RUNNING)
+    return MigrationReport(pre_copy, stop_copy, rounds)
+
+
+async def _copy(source: Client, destination: Client, size: int) -> int:
+    """Move data until the source has none for now; the bytes moved."""
+    moved = 0
+    while True:
+        data = await source.mig_data_read(size)
+        if not data:
+            return moved
+        await destination.mig_data_write(data)
+        moved += len(data)

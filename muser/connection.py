@@ -19,6 +19,7 @@ from typing import Any
 
 from muser.device import PciDevice, ResetReason
 from muser.device.dma import DmaLayout
+from muser.device.migration import MigrationController
 from muser.endpoint import Endpoint, command_name
 from muser.errors import ConnectionClosedError, ProtocolError, VfioUserError
 from muser.transport import WRITE_HIGH_WATER
@@ -45,6 +46,7 @@ from muser.wire.constants import (
     FeatureFlag,
     IoEventFdFlag,
     IoFdType,
+    MigrationState,
     RegionCapId,
     RegionFlag,
 )
@@ -65,6 +67,10 @@ from muser.wire.messages import (
     IoFdsRequest,
     IrqInfo,
     IrqSet,
+    MigData,
+    MigDataRead,
+    MigDeviceState,
+    MigrationFeature,
     RegionAccess,
     RegionData,
     RegionInfo,
@@ -95,17 +101,16 @@ _FEATURE_OPS: dict[int, int] = {
     Feature.DMA_LOGGING_STOP: FeatureFlag.SET,
     Feature.DMA_LOGGING_REPORT: FeatureFlag.GET,
 }
-"""The DEVICE_FEATURE operations muser serves, by feature."""
+"""The DEVICE_FEATURE operations muser serves for every device, by feature."""
+_MIGRATION_FEATURE_OPS: dict[int, int] = {
+    Feature.MIGRATION: FeatureFlag.GET,
+    Feature.MIG_DEVICE_STATE: FeatureFlag.GET | FeatureFlag.SET,
+}
+"""And for a device that declared migration."""
 _KNOWN_FEATURE_BITS = int(
     FeatureFlag.INDEX_MASK | FeatureFlag.GET | FeatureFlag.SET | FeatureFlag.PROBE
 )
 _UNMAP_FLAGS = int(DmaUnmapFlag.GET_DIRTY_BITMAP | DmaUnmapFlag.UNMAP_ALL)
-
-NOT_YET_SUPPORTED = (
-    Command.MIG_DATA_READ,
-    Command.MIG_DATA_WRITE,
-)
-"""Commands muser knows but does not serve yet: answered ENOTSUP, fds closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,9 +173,9 @@ class ServerConnection(Endpoint):
             Command.DEVICE_FEATURE: self._device_feature,
             Command.DEVICE_GET_REGION_IO_FDS: self._region_io_fds,
             Command.REGION_WRITE_MULTI: self._region_write_multi,
+            Command.MIG_DATA_READ: self._mig_data_read,
+            Command.MIG_DATA_WRITE: self._mig_data_write,
         }
-        for command in NOT_YET_SUPPORTED:
-            self._handlers[command] = self._not_supported
 
     @property
     def negotiated(self) -> bool:
@@ -529,9 +534,9 @@ class ServerConnection(Endpoint):
         reply = DmaUnmapReply(request.argsz, flags, request.address, request.size, None, b"")
         return self._after(done, reply)
 
-    def _device_feature(self, frame: Frame) -> DeviceFeature:
-        """The DMA logging features; a device without migration refuses the migration
-        features with EINVAL, as libvfio-user does."""
+    def _device_feature(self, frame: Frame) -> Outcome | Awaitable[Outcome]:
+        """DMA logging, and migration for a device that declared it (one without it
+        refuses the migration features with EINVAL, as libvfio-user does)."""
         request = DeviceFeature.parse(frame.payload)
         flags, feature = request.flags, request.feature
         probe = bool(flags & FeatureFlag.PROBE)
@@ -543,6 +548,8 @@ class ServerConnection(Endpoint):
         if operations == FeatureFlag.GET | FeatureFlag.SET and not probe:
             raise ProtocolError("DEVICE_FEATURE GET and SET together without PROBE")
         supported = _FEATURE_OPS.get(feature)
+        if supported is None and self.device.migration is not None:
+            supported = _MIGRATION_FEATURE_OPS.get(feature)
         if supported is None:
             raise ProtocolError(f"feature {feature} is not supported by this device")
         if operations & ~supported:
@@ -551,6 +558,8 @@ class ServerConnection(Endpoint):
             if request.argsz < len(frame.payload):
                 raise ProtocolError("DEVICE_FEATURE argsz is smaller than the request")
             return request
+        if feature in _MIGRATION_FEATURE_OPS:
+            return self._migration_feature(request)
         if feature == Feature.DMA_LOGGING_STOP:
             self.device.dma.logging_stop()
             return request
@@ -561,6 +570,45 @@ class ServerConnection(Endpoint):
             )
             return request
         return self._logging_report(request)
+
+    def _migration_feature(self, request: DeviceFeature) -> Outcome | Awaitable[Outcome]:
+        migration = self._migration()
+        if request.flags & FeatureFlag.GET:
+            if request.feature == Feature.MIGRATION:
+                data = MigrationFeature(migration.flags).build()
+            else:
+                data = MigDeviceState(migration.state, 0).build()
+            if request.argsz < DeviceFeature.SIZE + len(data):
+                raise ProtocolError("DEVICE_FEATURE GET needs room for the feature's data")
+            return DeviceFeature(DeviceFeature.SIZE + len(data), request.flags, data)
+        target = MigDeviceState.parse(request.data).device_state
+        try:
+            state = MigrationState(target)
+        except ValueError:
+            raise ProtocolError(f"migration state {target} does not exist") from None
+        self.log.info("migration state", current=migration.state.name, target=state.name)
+        return self._after(migration.set_state(state), request)
+
+    async def _mig_data_read(self, frame: Frame) -> MigData:
+        request = MigDataRead.parse(frame.payload)
+        limit = self.peer.max_data_xfer_size if self.peer is not None else 0
+        if request.size > min(limit, self.max_data_xfer_size):
+            raise ProtocolError(f"MIG_DATA_READ of {request.size} bytes is over the limit")
+        if request.argsz < MigData.SIZE + request.size:
+            raise ProtocolError("MIG_DATA_READ argsz is too small for the data asked")
+        data = await self._migration().read(request.size)
+        return MigData(MigData.SIZE + len(data), len(data), data)
+
+    def _mig_data_write(self, frame: Frame) -> None:
+        request = MigData.parse(frame.payload)
+        if request.size != len(request.data) or request.argsz < MigData.SIZE + request.size:
+            raise ProtocolError("MIG_DATA_WRITE size and data disagree")
+        self._migration().write(request.data)
+
+    def _migration(self) -> MigrationController:
+        if self.device.migration is None:
+            raise ProtocolError("the device does not support migration")
+        return self.device.migration
 
     def _logging_report(self, request: DeviceFeature) -> DeviceFeature:
         report = DmaLoggingReport.parse(request.data)
@@ -631,11 +679,6 @@ class ServerConnection(Endpoint):
     async def _after(done: Awaitable[None], outcome: Outcome) -> Outcome:
         await done
         return outcome
-
-    def _not_supported(self, frame: Frame) -> Outcome:
-        raise VfioUserError(
-            errno.ENOTSUP, f"{command_name(frame.command)} is not supported by muser yet"
-        )
 
 
 class DmaMessenger:

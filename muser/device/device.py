@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from enum import Enum
 from types import MappingProxyType
 from typing import TypeVar
 
 from muser.device.dma import DmaSpace
 from muser.device.irq import Interrupts
+from muser.device.migration import (
+    TAG_CONFIG,
+    TAG_INTERRUPTS,
+    TAG_MSIX_TABLE,
+    TAG_SHARED_BAR,
+    Migration,
+    MigrationController,
+)
 from muser.device.regions import Bar, ConfigRegisters
 from muser.device.shared import DoorbellFds, SharedBar
 from muser.errors import VfioUserError
 from muser.pci.capabilities import Capability, ExtendedCapability, Msi, MsiX
 from muser.pci.config import HEADER_SIZE, ConfigSpace, Reg, rom_size_for
-from muser.wire.constants import PCI_NUM_IRQS, PCI_NUM_REGIONS, PciRegion, RegionFlag
+from muser.wire.constants import (
+    PCI_NUM_IRQS,
+    PCI_NUM_REGIONS,
+    MigrationState,
+    PciRegion,
+    RegionFlag,
+)
 
 NUM_BARS = 6
 INTERRUPT_PIN_INTA = 1
@@ -104,6 +118,7 @@ class PciDevice:
         config_registers: Sequence[ConfigRegisters] = (),
         err_irq: bool = True,
         req_irq: bool = True,
+        migration: Migration | None = None,
         name: str | None = None,
     ) -> None:
         self.name = name or type(self).__name__
@@ -152,6 +167,8 @@ class PciDevice:
         }
         """The memory behind BARs a client may mmap, by BAR index."""
         self.doorbells = DoorbellFds(dict(self.bars))
+        self.migration = MigrationController(self, migration) if migration else None
+        """The migration state machine, for a device that declared `migration`."""
         self._emulated_bar_ranges = self._bar_ranges(msix)
         self.watch_config(Reg.COMMAND, 2, self.irqs.command_changed)
         if msi is not None:
@@ -259,12 +276,75 @@ class PciDevice:
         """
         return None
 
+    # Migration: what a device author may override
+
+    def migration_transition(
+        self, old: MigrationState, new: MigrationState
+    ) -> Awaitable[None] | None:
+        """Called for each hop of a migration state change (e.g. stop the device's own
+        timers on RUNNING -> STOP). Raising puts the device in ERROR."""
+        return None
+
+    def save_state(self, phase: MigrationState) -> bytes | AsyncIterable[bytes] | Awaitable[bytes]:
+        """The device's own state for the migration stream, as bytes or a stream of
+        chunks: in PRE_COPY what can be sent while running, in STOP_COPY the rest.
+        muser already carries config space, interrupts, the MSI-X table and mappable
+        BAR memory."""
+        return b""
+
+    def load_state(self, chunks: AsyncIterator[bytes]) -> Awaitable[None] | None:
+        """Take the chunks `save_state` produced on the source, in order (RESUMING ->
+        STOP). Raising fails the transition and puts the device in ERROR."""
+        return None
+
+    # Migration: what muser carries for the device
+
+    def shared_state(self) -> list[tuple[int, bytes]]:
+        """Records of mappable BAR memory (sent in pre-copy and again at stop-copy)."""
+        return [
+            (TAG_SHARED_BAR + index, shared.read(0, shared.size))
+            for index, shared in self.shared.items()
+        ]
+
+    def carried_state(self) -> list[tuple[int, bytes]]:
+        records = [
+            (TAG_CONFIG, self.config.read(0, self.config.size)),
+            (TAG_INTERRUPTS, self.irqs.save()),
+        ]
+        if self.irqs.msix_table is not None:
+            records.append((TAG_MSIX_TABLE, bytes(self.irqs.msix_table.entries)))
+        return records + self.shared_state()
+
+    def restore_carried_state(self, records: list[tuple[int, bytes]]) -> None:
+        """Apply what the source carried; a record that doesn't fit this device is EINVAL."""
+        for tag, payload in records:
+            if tag == TAG_CONFIG and len(payload) == self.config.size:
+                self.config.set_register(0, self.config.size, int.from_bytes(payload, "little"))
+            elif tag == TAG_INTERRUPTS:
+                self.irqs.restore(payload)
+            elif (
+                tag == TAG_MSIX_TABLE
+                and self.irqs.msix_table is not None
+                and len(payload) == len(self.irqs.msix_table.entries)
+            ):
+                self.irqs.msix_table.entries[:] = payload
+            elif (
+                TAG_SHARED_BAR <= tag < TAG_SHARED_BAR + NUM_BARS
+                and tag - TAG_SHARED_BAR in self.shared
+                and len(payload) == self.shared[tag - TAG_SHARED_BAR].size
+            ):
+                self.shared[tag - TAG_SHARED_BAR].write(0, payload)
+            else:
+                raise VfioUserError(errno.EINVAL, f"migration record {tag:#x} does not fit")
+
     def handle_reset(self, reason: ResetReason) -> Awaitable[None] | None:
         """What muser does on a reset: DEVICE_RESET and FLR put config space, the MSI-X
         table and interrupt state back to power-on (the client's eventfds and DMA
         windows stay); a lost connection closes the client's eventfds and unmaps its
         windows. Either waits until device code holds no view into guest memory, then
         the device's `reset` hook runs."""
+        if self.migration is not None:
+            self.migration.reset()
         if reason is ResetReason.LOST_CONNECTION:
             self.irqs.release()
             self.dma.logging_stop()

@@ -261,6 +261,8 @@ class DmaSpace:
         self.max_windows = max_windows
         self._starts: list[int] = []
         self._windows: list[DmaWindow] = []
+        self.stopped = False
+        """True while migration has the device stopped: device code may not DMA."""
         self.messenger: MessageDma | None = None
         """Set by the connection: how to reach windows that have no fd."""
         self.log: DirtyLog | None = None
@@ -380,6 +382,8 @@ class DmaSpace:
     def translate(self, address: int, length: int, *, write: bool = False) -> list[DmaSegment]:
         """The pieces of [address, address + length) window by window; a hole is EFAULT,
         a window without the needed permission EPERM."""
+        if self.stopped:
+            raise VfioUserError(errno.EBUSY, "the device is stopped for migration: no DMA")
         if length < 0 or address < 0 or address + length > _ADDRESS_LIMIT:
             raise VfioUserError(errno.EFAULT, f"range {address:#x}+{length:#x} is invalid")
         segments: list[DmaSegment] = []
@@ -408,6 +412,8 @@ class DmaSpace:
     def _direct_window(self, address: int, length: int, write: bool) -> DmaWindow | None:
         """The one fd-backed window that holds the whole range with the needed access,
         or None when the general path must decide (several windows, holes, messages)."""
+        if self.stopped:
+            raise VfioUserError(errno.EBUSY, "the device is stopped for migration: no DMA")
         index = bisect.bisect_right(self._starts, address) - 1
         if index < 0 or length < 0:
             return None
@@ -457,28 +463,32 @@ class DmaSpace:
                     " use `await dma.read()`/`write()` from a task",
                 )
 
-    async def read(self, address: int, length: int) -> bytes:
-        """Read guest memory through whichever path each window needs."""
-        window = self._direct_window(address, length, False)
+    async def read(self, address: int, length: int, *, messages: bool = False) -> bytes:
+        """Read guest memory through whichever path each window needs; `messages`
+        uses DMA_READ even for windows that came with an fd."""
+        window = None if messages else self._direct_window(address, length, False)
         if window is not None:
             return window.read_direct(address - window.address, length)
         pieces = []
         for segment in self.translate(address, length):
-            if segment.window.direct:
+            if segment.window.direct and not messages:
                 pieces.append(segment.window.read_direct(segment.start, segment.length))
             else:
                 pieces.append(await self._read_messages(segment.address, segment.length))
         return b"".join(pieces)
 
-    async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
-        """Write guest memory through whichever path each window needs."""
-        if self._direct_window(address, len(data), True) is not None:
+    async def write(
+        self, address: int, data: bytes | bytearray | memoryview, *, messages: bool = False
+    ) -> None:
+        """Write guest memory through whichever path each window needs; `messages`
+        uses DMA_WRITE even for windows that came with an fd."""
+        if not messages and self._direct_window(address, len(data), True) is not None:
             self.write_direct(address, data)
             return
         position = 0
         for segment in self.translate(address, len(data), write=True):
             piece = data[position : position + segment.length]
-            if segment.window.direct:
+            if segment.window.direct and not messages:
                 segment.window.write_direct(segment.start, piece)
             else:
                 await self._write_messages(segment.address, bytes(piece))

@@ -121,8 +121,8 @@ class Irq:
         if gate == _CLOSED:
             self.dropped += 1
             return Delivery.DROPPED
-        if gate == _HOLD or self._masked[vector]:
-            self._set_pending(vector, True)
+        if gate == _HOLD or self._masked[vector] or not self._controller.running:
+            self.set_pending(vector, True)
             return Delivery.PENDING
         self._deliver(vector)
         return Delivery.DELIVERED
@@ -135,7 +135,7 @@ class Irq:
         if self._automask:
             self._masked[vector] = True
 
-    def _set_pending(self, vector: int, pending: bool) -> None:
+    def set_pending(self, vector: int, pending: bool) -> None:
         self._pending[vector] = pending
         self._controller.pending_changed(self, vector, pending)
 
@@ -145,9 +145,10 @@ class Irq:
             self._pending[vector]
             and not self._masked[vector]
             and self._triggers[vector] is not None
+            and self._controller.running
             and self.gate(vector) == _OPEN
         ):
-            self._set_pending(vector, False)
+            self.set_pending(vector, False)
             self._deliver(vector)
 
     def mask(self, vector: int) -> None:
@@ -203,7 +204,7 @@ class Irq:
         self._masked = [False] * self.count
         for vector in range(self.count):
             if self._pending[vector]:
-                self._set_pending(vector, False)
+                self.set_pending(vector, False)
 
 
 class IntxIrq(Irq):
@@ -230,7 +231,7 @@ class IntxIrq(Irq):
 
     def release_pending(self, vector: int) -> None:
         if self.level and not self._pending[vector]:
-            self._set_pending(vector, True)
+            self.set_pending(vector, True)
         super().release_pending(vector)
 
     def clear(self) -> None:
@@ -296,6 +297,8 @@ class Interrupts:
     ) -> None:
         self._config = config
         self._msix = msix
+        self.running = True
+        """False while migration has the device stopped: interrupts are held pending."""
         self.intx = IntxIrq(self, 1 if intx else 0)
         self.msi = Irq(
             self,
@@ -399,6 +402,34 @@ class Interrupts:
     def msix_table_unmasked(self, vectors: list[int]) -> None:
         for vector in vectors:
             self.msix.release_pending(vector)
+
+    def release_all(self) -> None:
+        """Deliver whatever was held while the device was stopped."""
+        for irq in self._by_index:
+            for vector in range(irq.count):
+                irq.release_pending(vector)
+
+    def save(self) -> bytes:
+        """The interrupt state a migrated device carries: the INTx line and every
+        pending bit (eventfds and SET_IRQS masks belong to the client)."""
+        bits = [sum(irq.is_pending(v) << v for v in range(irq.count)) for irq in self._by_index]
+        return bytes([self.intx.level]) + b"".join(
+            value.to_bytes((irq.count + 7) // 8, "little")
+            for value, irq in zip(bits, self._by_index, strict=True)
+        )
+
+    def restore(self, state: bytes) -> None:
+        sizes = [(irq.count + 7) // 8 for irq in self._by_index]
+        if len(state) != 1 + sum(sizes):
+            raise VfioUserError(errno.EINVAL, "interrupt state of another device")
+        self.intx.level = bool(state[0])
+        position = 1
+        for irq, size in zip(self._by_index, sizes, strict=True):
+            value = int.from_bytes(state[position : position + size], "little")
+            position += size
+            for vector in range(irq.count):
+                irq.set_pending(vector, bool(value >> vector & 1))
+        self.intx_status_changed()
 
     # Lifecycle
 

@@ -86,22 +86,28 @@ class Bar:
     prefetchable: bool = False
     shared: SharedMemory | None = None
     doorbells: tuple[Doorbell, ...] = field(default=())
+    nonstandard: bool = False
+    """Skip PCI's size rules (a power of two; an I/O BAR of at most 256 bytes, never
+    mapped), for devices modelled on libvfio-user's samples. QEMU refuses such BARs."""
 
     def __post_init__(self) -> None:
         size = self.size
-        if size <= 0 or size & (size - 1):
+        if self.nonstandard:
+            if size <= 0:
+                raise ValueError("a BAR has a size")
+        elif size & (size - 1) or size <= 0:
             raise ValueError(f"BAR size {size:#x} is not a power of two")
         if self.io:
             if self.is_64bit or self.prefetchable:
                 raise ValueError("an I/O BAR is neither 64-bit nor prefetchable")
-            if not MIN_IO_BAR <= size <= MAX_IO_BAR:
+            if not MIN_IO_BAR <= size <= MAX_IO_BAR and not self.nonstandard:
                 raise ValueError(f"I/O BAR size must be {MIN_IO_BAR}…{MAX_IO_BAR} bytes")
         elif size < MIN_MEMORY_BAR:
             raise ValueError(f"memory BAR size must be at least {MIN_MEMORY_BAR} bytes")
         elif not self.is_64bit and size > MAX_32BIT_BAR:
             raise ValueError("a 32-bit memory BAR is at most 2 GiB; declare is_64bit=True")
         if self.shared is not None:
-            if self.io:
+            if self.io and not self.nonstandard:
                 raise ValueError("only memory BARs can be mapped")
             areas = list(self.mmap_areas)
             for (start, length), following in zip(
@@ -134,7 +140,8 @@ class Bar:
         """The bits of the (64-bit, for a 64-bit BAR) register that software may write."""
         width = 0xFFFFFFFFFFFFFFFF if self.is_64bit else 0xFFFFFFFF
         low_bits = 0x3 if self.io else 0xF
-        return ~(self.size - 1) & width & ~low_bits
+        decoded = 1 << (self.size - 1).bit_length()
+        return ~(decoded - 1) & width & ~low_bits
 
 
 @dataclass(frozen=True)

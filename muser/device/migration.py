@@ -1,0 +1,349 @@
+"""Live migration v2 (protocol.md §7): the device state machine and the data stream.
+
+The arc table is the Linux VFIO one: for each (current, target) pair it names the
+next state on the way; states the device does not support (P2P, PRE_COPY) are
+stepped over. A SET runs one hop at a time, each hop calling the device's
+`migration_transition` hook. An impossible target is EINVAL with nothing changed;
+a failing hook leaves the device in ERROR, which only DEVICE_RESET leaves.
+
+The stream is muser's own framing: records of (tag, length, bytes). muser carries
+config space, the interrupt state the device holds, the MSI-X table and the
+memory of mappable BARs (unless the device opts out), so a device author only
+serialises their own registers, as records of their own.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import construct as cs
+
+from muser.errors import VfioUserError
+from muser.wire.constants import MigrationFlag, MigrationState
+from muser.wire.layout import Layout, layout, wire
+
+if TYPE_CHECKING:
+    from muser.device.device import PciDevice
+
+S = MigrationState
+
+_NEXT: dict[MigrationState, dict[MigrationState, MigrationState]] = {
+    S.STOP: {
+        S.STOP: S.STOP,
+        S.RUNNING: S.RUNNING_P2P,
+        S.STOP_COPY: S.STOP_COPY,
+        S.RESUMING: S.RESUMING,
+        S.RUNNING_P2P: S.RUNNING_P2P,
+        S.PRE_COPY: S.RUNNING_P2P,
+        S.PRE_COPY_P2P: S.RUNNING_P2P,
+    },
+    S.RUNNING: {
+        S.STOP: S.RUNNING_P2P,
+        S.RUNNING: S.RUNNING,
+        S.STOP_COPY: S.RUNNING_P2P,
+        S.RESUMING: S.RUNNING_P2P,
+        S.RUNNING_P2P: S.RUNNING_P2P,
+        S.PRE_COPY: S.PRE_COPY,
+        S.PRE_COPY_P2P: S.RUNNING_P2P,
+    },
+    S.PRE_COPY: {
+        S.STOP: S.RUNNING,
+        S.RUNNING: S.RUNNING,
+        S.STOP_COPY: S.PRE_COPY_P2P,
+        S.RESUMING: S.RUNNING,
+        S.RUNNING_P2P: S.RUNNING,
+        S.PRE_COPY: S.PRE_COPY,
+        S.PRE_COPY_P2P: S.PRE_COPY_P2P,
+    },
+    S.PRE_COPY_P2P: {
+        S.STOP: S.RUNNING_P2P,
+        S.RUNNING: S.RUNNING_P2P,
+        S.STOP_COPY: S.STOP_COPY,
+        S.RESUMING: S.RUNNING_P2P,
+        S.RUNNING_P2P: S.RUNNING_P2P,
+        S.PRE_COPY: S.PRE_COPY,
+        S.PRE_COPY_P2P: S.PRE_COPY_P2P,
+    },
+    S.STOP_COPY: {
+        S.STOP: S.STOP,
+        S.RUNNING: S.STOP,
+        S.STOP_COPY: S.STOP_COPY,
+        S.RESUMING: S.STOP,
+        S.RUNNING_P2P: S.STOP,
+        S.PRE_COPY: S.ERROR,
+        S.PRE_COPY_P2P: S.ERROR,
+    },
+    S.RESUMING: {
+        S.STOP: S.STOP,
+        S.RUNNING: S.STOP,
+        S.STOP_COPY: S.STOP,
+        S.RESUMING: S.RESUMING,
+        S.RUNNING_P2P: S.STOP,
+        S.PRE_COPY: S.STOP,
+        S.PRE_COPY_P2P: S.STOP,
+    },
+    S.RUNNING_P2P: {
+        S.STOP: S.STOP,
+        S.RUNNING: S.RUNNING,
+        S.STOP_COPY: S.STOP,
+        S.RESUMING: S.STOP,
+        S.RUNNING_P2P: S.RUNNING_P2P,
+        S.PRE_COPY: S.RUNNING,
+        S.PRE_COPY_P2P: S.PRE_COPY_P2P,
+    },
+}
+"""The next state on the way from a state (outer key) to a target (inner key), as
+Linux's vfio_mig_get_next_state defines it for a device that supports everything."""
+
+_NEEDS = {
+    S.RUNNING_P2P: MigrationFlag.P2P,
+    S.PRE_COPY: MigrationFlag.PRE_COPY,
+    S.PRE_COPY_P2P: MigrationFlag.PRE_COPY | MigrationFlag.P2P,
+}
+"""What a device must support for a state to exist for it (beyond STOP_COPY)."""
+
+ACTIVE = frozenset({S.RUNNING, S.PRE_COPY})
+"""States in which the device may interrupt and DMA; in the others it is stopped
+(or, in the P2P states, kept from starting new work, as muser enforces it)."""
+SAVING = frozenset({S.PRE_COPY, S.PRE_COPY_P2P, S.STOP_COPY})
+
+
+def supported(state: MigrationState, flags: MigrationFlag) -> bool:
+    needs = _NEEDS.get(state, MigrationFlag(0))
+    return state != S.ERROR and (needs & flags) == needs
+
+
+def transition_path(
+    current: MigrationState, target: MigrationState, flags: MigrationFlag
+) -> list[MigrationState]:
+    """The states a SET from `current` to `target` passes through, `target` last;
+    EINVAL when the device can't get there."""
+    if not supported(target, flags):
+        raise VfioUserError(errno.EINVAL, f"migration state {target.name} is not available")
+    if current == S.ERROR:
+        raise VfioUserError(errno.EINVAL, "the device is in ERROR; only DEVICE_RESET helps")
+    path: list[MigrationState] = []
+    state: MigrationState = current
+    while state != target:
+        state = _NEXT[state][target]
+        while state != S.ERROR and not supported(state, flags):
+            state = _NEXT[state][target]
+        if state == S.ERROR:
+            raise VfioUserError(errno.EINVAL, f"no way from {current.name} to {target.name}")
+        path.append(state)
+    return path
+
+
+@dataclass(frozen=True)
+class Migration:
+    """A device's migration support: STOP_COPY always, PRE_COPY and P2P if declared.
+    With `carry_state`, muser migrates config space, interrupt state, the MSI-X table
+    and mappable BAR memory itself."""
+
+    pre_copy: bool = True
+    p2p: bool = False
+    carry_state: bool = True
+
+    @property
+    def flags(self) -> MigrationFlag:
+        flags = MigrationFlag.STOP_COPY
+        if self.pre_copy:
+            flags |= MigrationFlag.PRE_COPY
+        if self.p2p:
+            flags |= MigrationFlag.P2P
+        return flags
+
+
+@layout
+class RecordHeader(Layout):
+    """Ahead of each record of the migration stream."""
+
+    tag: int = wire(cs.Int16ul)
+    length: int = wire(cs.Int64ul)
+
+
+TAG_CONFIG = 0x0001
+TAG_INTERRUPTS = 0x0002
+TAG_MSIX_TABLE = 0x0003
+TAG_SHARED_BAR = 0x0100
+"""Plus the BAR index."""
+TAG_DEVICE = 0x0200
+TAG_END = 0xFFFF
+MAX_RECORD = 1 << 40
+
+
+def record(tag: int, payload: bytes) -> bytes:
+    return RecordHeader(tag, len(payload)).build() + payload
+
+
+async def _chunks(
+    produced: bytes | AsyncIterable[bytes] | Awaitable[bytes],
+) -> AsyncIterator[bytes]:
+    if inspect.isawaitable(produced):
+        produced = await produced
+    if isinstance(produced, bytes | bytearray | memoryview):
+        if produced:
+            yield bytes(produced)
+        return
+    async for chunk in produced:
+        if chunk:
+            yield bytes(chunk)
+
+
+class SavingSession:
+    """The source's stream: read in pieces of any size, produced on demand."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._sources: list[AsyncIterator[bytes]] = []
+
+    def append(self, source: AsyncIterator[bytes]) -> None:
+        self._sources.append(source)
+
+    async def read(self, size: int) -> bytes:
+        """Up to `size` bytes; fewer only at the end of what is available now."""
+        while len(self._buffer) < size and self._sources:
+            try:
+                self._buffer += await anext(self._sources[0])
+            except StopAsyncIteration:
+                self._sources.pop(0)
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+
+class ResumingSession:
+    """The destination's stream, parsed record by record as its bytes arrive."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.records: list[tuple[int, bytes]] = []
+        self.complete = False
+
+    def write(self, data: bytes) -> None:
+        if self.complete:
+            raise VfioUserError(errno.EINVAL, "data after the end of the migration stream")
+        self._buffer += data
+        while len(self._buffer) >= RecordHeader.SIZE and not self.complete:
+            header = RecordHeader.parse(self._buffer[: RecordHeader.SIZE])
+            if header.length > MAX_RECORD:
+                raise VfioUserError(errno.EINVAL, "a migration record is impossibly large")
+            end = RecordHeader.SIZE + header.length
+            if len(self._buffer) < end:
+                return
+            payload = bytes(self._buffer[RecordHeader.SIZE : end])
+            del self._buffer[:end]
+            if header.tag == TAG_END:
+                self.complete = not self._buffer
+                if not self.complete:
+                    raise VfioUserError(errno.EINVAL, "data after the end of the stream")
+            else:
+                self.records.append((header.tag, payload))
+
+
+class MigrationController:
+    """A device's migration state, its sessions, and the hops between states."""
+
+    def __init__(self, device: PciDevice, support: Migration) -> None:
+        self._device = device
+        self.support = support
+        self.flags = support.flags
+        self.state = S.RUNNING
+        self._saving: SavingSession | None = None
+        self._resuming: ResumingSession | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    async def set_state(self, target: MigrationState) -> None:
+        """Walk to `target` hop by hop; a failing hop leaves the device in ERROR."""
+        path = transition_path(self.state, target, self.flags)
+        for step in path:
+            try:
+                await self._hop(self.state, step)
+            except BaseException:
+                self._enter(S.ERROR)
+                raise
+            self._enter(step)
+
+    def _enter(self, state: MigrationState) -> None:
+        was_active = self.active
+        self.state = state
+        if state not in SAVING:
+            self._saving = None
+        if state != S.RESUMING:
+            self._resuming = None
+        self._device.dma.stopped = not self.active
+        self._device.irqs.running = self.active
+        if self.active and not was_active:
+            self._device.irqs.release_all()
+
+    async def _hop(self, old: MigrationState, new: MigrationState) -> None:
+        if new in SAVING and old not in SAVING:
+            self._saving = SavingSession()
+            if new != S.STOP_COPY:
+                self._saving.append(self._pre_copy_stream())
+        if new == S.STOP_COPY:
+            assert self._saving is not None
+            self._saving.append(self._stop_copy_stream())
+        if old == S.STOP and new == S.RESUMING:
+            self._resuming = ResumingSession()
+        if old == S.RESUMING and new == S.STOP:
+            await self._load()
+        done = self._device.migration_transition(old, new)
+        if done is not None:
+            await done
+
+    def reset(self) -> None:
+        """DEVICE_RESET (or a lost client): RUNNING, with no data session."""
+        self._enter(S.RUNNING)
+
+    # The stream
+
+    async def _pre_copy_stream(self) -> AsyncIterator[bytes]:
+        if self.support.carry_state:
+            for tag, payload in self._device.shared_state():
+                yield record(tag, payload)
+        async for chunk in _chunks(self._device.save_state(S.PRE_COPY)):
+            yield record(TAG_DEVICE, chunk)
+
+    async def _stop_copy_stream(self) -> AsyncIterator[bytes]:
+        if self.support.carry_state:
+            for tag, payload in self._device.carried_state():
+                yield record(tag, payload)
+        async for chunk in _chunks(self._device.save_state(S.STOP_COPY)):
+            yield record(TAG_DEVICE, chunk)
+        yield record(TAG_END, b"")
+
+    async def read(self, size: int) -> bytes:
+        if self._saving is None:
+            raise VfioUserError(errno.EINVAL, f"no migration data to read in {self.state.name}")
+        return await self._saving.read(size)
+
+    def write(self, data: bytes) -> None:
+        if self._resuming is None:
+            raise VfioUserError(errno.EINVAL, f"migration data is not taken in {self.state.name}")
+        self._resuming.write(data)
+
+    async def _load(self) -> None:
+        session = self._resuming
+        assert session is not None
+        if not session.complete:
+            raise VfioUserError(errno.EINVAL, "the migration stream is incomplete")
+        device_chunks = [payload for tag, payload in session.records if tag == TAG_DEVICE]
+        self._device.restore_carried_state(
+            [(tag, payload) for tag, payload in session.records if tag != TAG_DEVICE]
+        )
+        done = self._device.load_state(_iterate(device_chunks))
+        if done is not None:
+            await done
+
+
+async def _iterate(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
