@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import asyncio
 import errno
+import gc
 import os
 import socket
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ TIMEOUT = 5.0
 
 
 def open_fds() -> set[int]:
+    """This process's fds, once garbage holding any (an mmap's own dup) is collected."""
+    gc.collect()
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
 

@@ -247,6 +247,14 @@ class PciDevice:
             spans.sort(key=lambda item: item[0].start)
         return {index: spans for index, spans in ranges.items() if spans}
 
+    def close(self) -> None:
+        """Release what muser made for the device: the memory behind mappable BARs and
+        the doorbell eventfds (also released when the device is garbage collected)."""
+        for shared in self.shared.values():
+            shared.close()
+        self.shared = {}
+        self.doorbells.close()
+
     def shared_memory(self, index: int) -> memoryview:
         """The bytes of mappable BAR `index`, the same ones the client maps."""
         return self.shared[index].memory

@@ -7,6 +7,7 @@ import inspect
 import mmap
 import os
 import stat
+import weakref
 from collections.abc import AsyncIterator, Callable
 
 import structlog
@@ -29,6 +30,7 @@ class SharedBar:
         if spec.fd is None:
             self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
             os.ftruncate(self.fd, bar.size)
+            self._release_fd = weakref.finalize(self, close_fds, [self.fd])
         else:
             self.fd = spec.fd
             info = os.fstat(self.fd)
@@ -44,6 +46,13 @@ class SharedBar:
         )
         self.memory = memoryview(self._mapping)
         """The BAR's bytes, indexed by BAR offset."""
+
+    def close(self) -> None:
+        """Unmap, and close the memfd if muser made it (the author's fd stays theirs)."""
+        self.memory.release()
+        self._mapping.close()
+        if self.owns_fd:
+            self._release_fd()
 
     def read(self, offset: int, count: int) -> bytes:
         return bytes(self.memory[offset : offset + count])
@@ -71,6 +80,8 @@ class DoorbellFds:
             for doorbell in bar.doorbells:
                 fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 self.by_region.setdefault(index, []).append((doorbell, fd))
+        fds = [fd for entries in self.by_region.values() for _doorbell, fd in entries]
+        self._release_fds = weakref.finalize(self, close_fds, fds)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -100,8 +111,7 @@ class DoorbellFds:
 
     def close(self) -> None:
         self.unwatch()
-        for entries in self.by_region.values():
-            close_fds(fd for _doorbell, fd in entries)
+        self._release_fds()
         self.by_region = {}
 
 

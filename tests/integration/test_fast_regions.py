@@ -321,3 +321,13 @@ async def test_ten_thousand_posted_writes_then_a_read(client: Client, device: Fa
     assert [int.from_bytes(data, "little") for _offset, data in device.writes] == list(
         range(10_000)
     )
+
+
+def test_close_releases_what_muser_made() -> None:
+    before = open_fds()
+    device = FastDevice()
+    assert len(open_fds()) == len(before) + 3 + 2, "3 doorbell eventfds, a memfd, its map's"
+    device.close()
+    assert open_fds() == before
+    FastDevice()
+    assert open_fds() == before, "a dropped device releases them too"
