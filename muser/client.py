@@ -58,8 +58,8 @@ from muser.wire.messages import (
     RegionData,
     RegionInfo,
     Version,
-    WriteMulti,
     WriteOne,
+    build_write_multi,
 )
 
 CLIENT_MAX_MSG_FDS = 16
@@ -261,6 +261,7 @@ class Client(Endpoint):
         request = RegionData(offset, region, len(data), data).build()
         if posted:
             self.post(Command.REGION_WRITE, request)
+            await self.transport.drain()
         else:
             await self.request(Command.REGION_WRITE, request)
 
@@ -273,9 +274,10 @@ class Client(Endpoint):
             WriteOne(offset, region, len(data), data.ljust(8, b"\0"))
             for region, offset, data in writes
         )
-        request = WriteMulti(len(entries), entries).build()
+        request = build_write_multi(entries)
         if posted:
             self.post(Command.REGION_WRITE_MULTI, request)
+            await self.transport.drain()
         else:
             await self.request(Command.REGION_WRITE_MULTI, request)
 

@@ -77,9 +77,9 @@ from muser.wire.messages import (
     SparseMmapArea,
     SparseMmapCap,
     Version,
-    WriteMulti,
     WriteMultiReply,
     WriteOne,
+    parse_write_multi,
     region_caps_bytes,
 )
 
@@ -465,16 +465,16 @@ class ServerConnection(Endpoint):
 
     def _region_write_multi(self, frame: Frame) -> Outcome | Awaitable[Outcome]:
         """Each write in order, as if it were a REGION_WRITE; QEMU always posts these."""
-        request = WriteMulti.parse(frame.payload)
-        for write in request.writes:
+        writes = parse_write_multi(frame.payload)
+        for write in writes:
             if not 1 <= write.count <= len(write.data):
                 raise ProtocolError(f"REGION_WRITE_MULTI entry of {write.count} bytes")
             self._check_access(write.region, write.offset, write.count)
-        reply = WriteMultiReply(request.wr_cnt)
-        for position, write in enumerate(request.writes):
+        reply = WriteMultiReply(len(writes))
+        for position, write in enumerate(writes):
             done = self.device.write_region(write.region, write.offset, write.data[: write.count])
             if done is not None:
-                return self._finish_writes(done, request.writes[position + 1 :], reply)
+                return self._finish_writes(done, writes[position + 1 :], reply)
         return reply
 
     async def _finish_writes(

@@ -49,9 +49,14 @@ class TransportProtocol(Protocol):
 
 
 class _PendingWrite:
+    """Queued bytes, with the fds that go with their first byte. Later messages
+    without fds are appended to an entry whose fds are sent (or that had none), so
+    a backlog goes out in few sendmsg calls; never to one whose fds are still
+    waiting, since a receiver gives fds to the last message that starts in its read."""
+
     __slots__ = ("data", "fds")
 
-    def __init__(self, data: memoryview, fds: list[int]) -> None:
+    def __init__(self, data: bytearray, fds: list[int]) -> None:
         self.data = data
         self.fds = fds
 
@@ -162,11 +167,14 @@ class FdTransport:
                 return
             if sent:
                 fds = ()
-            data = memoryview(b"".join(buffers))[sent:]
+            data = bytearray(b"".join(buffers)[sent:])
         else:
-            data = memoryview(b"".join(buffers))
-        self._writes.append(_PendingWrite(data, [os.dup(fd) for fd in fds]))
+            data = bytearray(b"".join(buffers))
         self._queued += len(data)
+        if not fds and self._writes and not self._writes[-1].fds:
+            self._writes[-1].data += data
+            return
+        self._writes.append(_PendingWrite(data, [os.dup(fd) for fd in fds]))
         if len(self._writes) == 1:
             self._loop.add_writer(self._fd, self._on_writable)
 
@@ -182,7 +190,7 @@ class FdTransport:
                 return
             close_fds(pending.fds)
             pending.fds = []
-            pending.data = pending.data[sent:]
+            del pending.data[:sent]
             self._queued -= sent
             if pending.data:
                 return

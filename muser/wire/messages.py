@@ -8,6 +8,8 @@ builds back to the same bytes.
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from typing import Any
 
 import construct as cs
@@ -442,6 +444,35 @@ def region_caps_bytes(caps: list[RegionCap]) -> bytes:
         following = position if index + 1 < len(blobs) else 0
         out += blob[:4] + following.to_bytes(4, "little") + blob[8:]
     return bytes(out)
+
+
+def _write_one_codec() -> struct.Struct:
+    codec = WriteOne.CODEC
+    if codec is None:
+        raise RuntimeError("WriteOne must be fixed-size")
+    return codec
+
+
+_WRITE_ONE = _write_one_codec()
+
+
+def parse_write_multi(payload: bytes) -> list[WriteOne]:
+    """REGION_WRITE_MULTI's entries, through WriteOne's struct codec: the same result
+    as `WriteMulti.parse`, without construct's per-entry cost (QEMU sends 200)."""
+    head = WriteMultiReply.SIZE
+    if len(payload) < head:
+        raise ProtocolError("REGION_WRITE_MULTI is shorter than its count")
+    count = int.from_bytes(payload[:head], "little")
+    if len(payload) != head + count * _WRITE_ONE.size:
+        raise ProtocolError(f"REGION_WRITE_MULTI of {len(payload)} bytes for {count} writes")
+    return [WriteOne(*values) for values in _WRITE_ONE.iter_unpack(payload[head:])]
+
+
+def build_write_multi(writes: Sequence[WriteOne]) -> bytes:
+    """The payload `WriteMulti(len(writes), writes).build()` gives, built faster."""
+    return len(writes).to_bytes(WriteMultiReply.SIZE, "little") + b"".join(
+        _WRITE_ONE.pack(*write.VALUES(write)) for write in writes
+    )
 
 
 def io_fd_entries(reply: IoFdsReply) -> list[IoEventFdEntry]:

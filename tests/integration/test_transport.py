@@ -154,3 +154,24 @@ async def test_large_read_through_the_client(big_device: PciDevice, sock_path: s
     async with Server(big_device, sock_path), await Client.connect(sock_path) as client:
         data = await client.region_read(0, 0, 1 << 20)
         assert data == bytes(range(256)) * 4096
+
+
+async def test_a_coalesced_backlog_keeps_fds_on_their_message() -> None:
+    """Queued messages without fds share sendmsg calls; one with fds never lends its
+    fds to a neighbour."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sender = FdTransport(ours, Collector(), max_receive_fds=1)
+    sender.send((message(0, Command.REGION_WRITE, bytes(64 * 1024)),))
+    fd = os.eventfd(0)
+    for msg_id in range(1, 200):
+        sender.send((message(msg_id, Command.DEVICE_RESET),), [fd] if msg_id == 100 else ())
+    os.close(fd)
+    collector = Collector()
+    receiver = FdTransport(theirs, collector, max_receive_fds=4)
+    await collector.wait_for(200)
+    assert [frame.msg_id for frame in collector.frames] == list(range(200))
+    assert [frame.msg_id for frame in collector.frames if frame.fds] == [100]
+    collector.frames[100].close_fds()
+    sender.close()
+    receiver.close()

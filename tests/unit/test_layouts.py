@@ -29,6 +29,9 @@ from muser.wire.messages import (
     SparseMmapCap,
     TypeCap,
     WriteMulti,
+    WriteOne,
+    build_write_multi,
+    parse_write_multi,
     region_caps,
     region_caps_bytes,
 )
@@ -162,3 +165,37 @@ def test_region_caps_parse_or_protocol_error(chain: bytes, cap_offset: int) -> N
 def test_feature_index() -> None:
     feature = DeviceFeature(16, FeatureFlag.GET | 1, bytes(8))
     assert feature.feature == 1
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 2**64 - 1),
+            st.integers(0, 2**32 - 1),
+            st.integers(0, 2**32 - 1),
+            st.binary(min_size=8, max_size=8),
+        ),
+        max_size=20,
+    )
+)
+def test_write_multi_fast_path_agrees_with_the_declaration(
+    entries: list[tuple[int, int, int, bytes]],
+) -> None:
+    writes = [WriteOne(*entry) for entry in entries]
+    payload = build_write_multi(writes)
+    assert payload == WriteMulti(len(writes), tuple(writes)).build()
+    assert parse_write_multi(payload) == list(WriteMulti.parse(payload).writes)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x01" + bytes(6),
+        (2).to_bytes(8, "little") + bytes(24),
+        (1 << 63).to_bytes(8, "little"),
+    ],
+)
+def test_write_multi_fast_parse_checks_sizes(payload: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        parse_write_multi(payload)
