@@ -137,6 +137,7 @@ class ServerConnection(Endpoint):
         max_data_xfer_size: int,
         dma_layout: DmaLayout,
         logger: Any,
+        handler_timeout: float | None = None,
     ) -> None:
         super().__init__(
             sock,
@@ -147,6 +148,8 @@ class ServerConnection(Endpoint):
         self.device = device
         self.max_data_xfer_size = max_data_xfer_size
         self.dma_layout = dma_layout
+        self.handler_timeout = handler_timeout
+        """Seconds an awaiting handler may take before the client gets ETIMEDOUT."""
         self.peer: Capabilities | None = None
         """The client's capabilities, once VERSION is negotiated."""
         self._queue: deque[Frame] = deque()
@@ -262,12 +265,37 @@ class ServerConnection(Endpoint):
         return None
 
     async def _finish(self, frame: Frame, pending: Awaitable[Outcome]) -> None:
+        """Await a handler, within the per-request timeout. A hang is answered
+        ETIMEDOUT; device code cancelling what the handler awaits is EIO; only the
+        connection's own cancellation stops it."""
         try:
-            self._reply(frame, await pending)
+            # asyncio.timeout, not wait_for: the handler must keep running in this
+            # task, which is how message DMA recognises it is inside a handler.
+            async with asyncio.timeout(self.handler_timeout):
+                outcome = await pending
+            self._reply(frame, outcome)
+        except TimeoutError:
+            self._log_timeout(frame)
+            if not frame.no_reply:
+                self._send_reply(frame, FLAGS_ERROR_REPLY, error=errno.ETIMEDOUT)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            self._reply_error(frame, RuntimeError("device code cancelled the handler"))
         except Exception as exc:
             self._reply_error(frame, exc)
         finally:
             frame.close_fds()
+
+    def _log_timeout(self, frame: Frame) -> None:
+        """A hung handler, logged without a traceback (it would only show wait_for)."""
+        self.log.error(
+            "handler timed out",
+            msg_id=frame.msg_id,
+            command=command_name(frame.command),
+            timeout=self.handler_timeout,
+        )
 
     def _handle(self, frame: Frame) -> Outcome | Awaitable[Outcome]:
         if not self.negotiated and frame.command != Command.VERSION:
@@ -617,6 +645,11 @@ class ServerConnection(Endpoint):
         dma = self.device.dma
         bitmap_size = dma.report_size(report.iova, report.length, report.page_size)
         needed = DeviceFeature.SIZE + DmaLoggingReport.SIZE + bitmap_size
+        if bitmap_size > self.max_data_xfer_size:
+            raise ProtocolError(
+                "a DMA_LOGGING_REPORT bitmap must fit in one message; "
+                "ask for a shorter range or larger pages"
+            )
         if request.argsz < needed:
             raise ProtocolError(f"DMA_LOGGING_REPORT needs argsz {needed}")
         bitmap = dma.logging_report(report.iova, report.length, report.page_size)

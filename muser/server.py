@@ -14,6 +14,8 @@ import errno
 import os
 import socket
 import stat
+import struct
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Self
 
@@ -25,6 +27,8 @@ from muser.device.dma import DmaLayout
 from muser.wire.constants import DEFAULT_MAX_DATA_XFER_SIZE
 
 LISTEN_BACKLOG = 8
+DEFAULT_HANDLER_TIMEOUT = 4.5
+"""Below QEMU's 5 s reply timeout, so QEMU hears ETIMEDOUT rather than nothing."""
 
 
 def _socket_is_live(path: str) -> bool:
@@ -38,8 +42,9 @@ def _socket_is_live(path: str) -> bool:
     return True
 
 
-def bind_unix_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
-    """A listening socket at `path` (mode 0600), and the (device, inode) of its file."""
+def bind_unix_socket(path: str, mode: int = 0o600) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening socket at `path` with permissions `mode` set before anyone can
+    connect, and the (device, inode) of its file."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         try:
@@ -57,7 +62,7 @@ def bind_unix_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
                 ) from None
             os.unlink(path)
             sock.bind(path)
-        os.chmod(path, 0o600)
+        os.chmod(path, mode)
         info = os.stat(path)
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
@@ -81,12 +86,24 @@ class Server:
         *,
         max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
         dma_layout: DmaLayout = DmaLayout.SPEC,
+        handler_timeout: float | None = DEFAULT_HANDLER_TIMEOUT,
+        mode: int = 0o600,
+        allowed_uids: Iterable[int] | None = None,
+        allowed_gids: Iterable[int] | None = None,
     ) -> None:
         self.device = device
         self.path = os.fspath(path)
         self.max_data_xfer_size = max_data_xfer_size
         self.dma_layout = dma_layout
         """How DMA_READ/DMA_WRITE are laid out; DmaLayout.QEMU for QEMU's client."""
+        self.handler_timeout = handler_timeout
+        """Seconds an awaiting handler may take before the client gets ETIMEDOUT
+        (under QEMU's own 5 s); None waits forever."""
+        self.mode = mode
+        """Permissions of the socket file; only its owner may connect by default."""
+        self.allowed_uids = None if allowed_uids is None else frozenset(allowed_uids)
+        self.allowed_gids = None if allowed_gids is None else frozenset(allowed_gids)
+        """When set, peers whose uid (or gid) is not listed are refused (SO_PEERCRED)."""
         self.connection: ServerConnection | None = None
         """The attached client's session, if one is attached."""
         self.log: Any = structlog.get_logger("muser").bind(socket=self.path, device=device.name)
@@ -103,7 +120,7 @@ class Server:
         if self._listener is not None:
             return
         self._closed = asyncio.Event()
-        self._listener, self._identity = bind_unix_socket(self.path)
+        self._listener, self._identity = bind_unix_socket(self.path, self.mode)
         self.device.doorbells.watch()
         self._resume_accepting()
         self.log.info("serving")
@@ -137,6 +154,9 @@ class Server:
         except OSError as exc:
             self.log.warning("accept failed", error=str(exc))
             return
+        if not self._peer_allowed(sock):
+            sock.close()
+            return
         try:
             connection = ServerConnection(
                 sock,
@@ -144,6 +164,7 @@ class Server:
                 max_data_xfer_size=self.max_data_xfer_size,
                 dma_layout=self.dma_layout,
                 logger=self.log,
+                handler_timeout=self.handler_timeout,
             )
         except Exception as exc:
             sock.close()
@@ -156,6 +177,23 @@ class Server:
         session = asyncio.get_running_loop().create_task(self._session(connection))
         self._sessions.add(session)
         session.add_done_callback(self._sessions.discard)
+
+    def _peer_allowed(self, sock: socket.socket) -> bool:
+        if self.allowed_uids is None and self.allowed_gids is None:
+            return True
+        try:
+            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        except OSError:
+            return False
+        pid, uid, gid = struct.unpack("3i", credentials)
+        allowed = (self.allowed_uids is None or uid in self.allowed_uids) and (
+            self.allowed_gids is None or gid in self.allowed_gids
+        )
+        if not allowed:
+            self.log.warning(
+                "refused a client not on the allow-list", client_pid=pid, uid=uid, gid=gid
+            )
+        return allowed
 
     async def _session(self, connection: ServerConnection) -> None:
         await connection.finished
