@@ -173,7 +173,8 @@ TAG_SHARED_BAR = 0x0100
 """Plus the BAR index."""
 TAG_DEVICE = 0x0200
 TAG_END = 0xFFFF
-MAX_RECORD = 1 << 40
+MAX_RECORD = 1 << 32
+"""No single migration record may claim more than 4 GiB."""
 
 
 def record(tag: int, payload: bytes) -> bytes:

@@ -1,0 +1,378 @@
+"""Config-space REGION_READ round trips through muser, against BAR0 and a raw socket echo.
+
+On each event loop (asyncio, uvloop) this measures, in one process, a
+`muser.Client` doing sequential reads, one outstanding at a time, against a
+`muser.Server` on a UNIX socket whose device (vendor 0x1234, device 0x11e8, no
+capabilities, so 256 bytes of config space and no device-claimed config
+registers) has a 4 KiB memory BAR0 with a plain (non-async) read handler:
+
+- config: `region_read(7, 0, 4)`, the vendor and device IDs, as a guest's config
+  cycle arrives from QEMU;
+- bar0: `region_read(0, 0, 4)` on the same device, the BAR path region_read.py
+  measures;
+- config 256: `region_read(7, 0, 256)`, the whole of config space, as QEMU reads it
+  once when it realizes the device;
+- baseline and baseline 256: the same traffic shapes without any framework, a
+  socketpair whose ends are driven by `loop.add_reader` + `recvmsg`/`sendmsg`,
+  moving the same byte counts (a 32-byte request; a 36-byte reply, or a 288-byte
+  one for 256 bytes of data). They are the floor: what a perfect framework could
+  reach on that loop.
+
+All five run on the same loop, their repetitions interleaved so that noise on a
+shared machine hits them alike. Every read's bytes are checked once before timing.
+Reported: the median round trips/s across repetitions, p50/p99 latency over every
+round trip timed, and the ratios config/bar0, config/baseline, bar0/baseline,
+config 256/baseline 256 and config 256/config.
+
+    python benchmarks/config_read.py            # 5 x 20000 round trips per loop
+    python benchmarks/config_read.py --quick    # smoke test, a second or two
+    python benchmarks/config_read.py --json --pin 1 --loops uvloop
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import structlog
+import uvloop
+
+import muser
+from muser.wire.constants import PciRegion
+
+BAR_SIZE = 4096
+READ_SIZE = 4
+CONFIG_SIZE = 256
+"""Config space of a device without PCI Express: what QEMU reads at realize."""
+REQUEST_SIZE = 32
+"""A REGION_READ request: 16-byte header, offset/region/count."""
+REPLY_OVERHEAD = 32
+"""Its reply before the data: 16-byte header, offset/region/count."""
+ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 16)
+"""Room for 16 fds, as a vfio-user endpoint must offer on every receive."""
+VENDOR_ID = 0x1234
+DEVICE_ID = 0x11E8
+WARM_UP = 2000
+QUICK = {"round_trips": 500, "repetitions": 2, "warm_up": 200}
+
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+BENCHMARKS = {
+    "baseline": "baseline",
+    "bar0": "bar0",
+    "config": "config",
+    "baseline_256": "baseline 256",
+    "config_256": "config 256",
+}
+"""Result keys and the names the table shows them by."""
+RATIOS = {
+    "config/bar0": ("config", "bar0"),
+    "config/baseline": ("config", "baseline"),
+    "bar0/baseline": ("bar0", "baseline"),
+    "config 256/baseline 256": ("config_256", "baseline_256"),
+    "config 256/config": ("config_256", "config"),
+}
+"""Each ratio of round trips/s, by name: (numerator, denominator)."""
+
+RoundTrip = Callable[[], Awaitable[object]]
+
+
+@dataclass
+class Result:
+    """One benchmark on one loop."""
+
+    round_trips_per_s: float
+    """The median across repetitions."""
+    per_repetition: list[float]
+    spread: float
+    """(max - min) / median of the repetitions' round trips/s."""
+    p50_us: float
+    p99_us: float
+
+
+class Series:
+    """Timings gathered repetition by repetition."""
+
+    def __init__(self, round_trip: RoundTrip) -> None:
+        self.round_trip = round_trip
+        self.rates: list[float] = []
+        self.latencies_ns: list[int] = []
+
+    async def run(self, count: int) -> None:
+        """Time `count` sequential round trips, each on its own and all together."""
+        clock = time.perf_counter_ns
+        round_trip = self.round_trip
+        latencies = [0] * count
+        start = clock()
+        for i in range(count):
+            before = clock()
+            await round_trip()
+            latencies[i] = clock() - before
+        elapsed = clock() - start
+        self.rates.append(count * 1e9 / elapsed)
+        self.latencies_ns.extend(latencies)
+
+    def result(self) -> Result:
+        ordered = sorted(self.latencies_ns)
+        median = statistics.median(self.rates)
+        return Result(
+            round_trips_per_s=median,
+            per_repetition=self.rates,
+            spread=(max(self.rates) - min(self.rates)) / median,
+            p50_us=percentile(ordered, 50) / 1000,
+            p99_us=percentile(ordered, 99) / 1000,
+        )
+
+
+def percentile(ordered: Sequence[int], percent: float) -> int:
+    """Nearest-rank percentile of sorted samples."""
+    return ordered[max(1, math.ceil(len(ordered) * percent / 100)) - 1]
+
+
+class EchoBaseline:
+    """Both ends of a socketpair on one loop: a 32-byte request, a `reply_size` answer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reply_size: int) -> None:
+        self._loop = loop
+        self._client, self._server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._client.setblocking(False)
+        self._server.setblocking(False)
+        self._request = bytes(REQUEST_SIZE)
+        self._reply = bytes(reply_size)
+        self._waiter: asyncio.Future[bytes] = loop.create_future()
+        loop.add_reader(self._server.fileno(), self._serve)
+        loop.add_reader(self._client.fileno(), self._answered)
+
+    def _serve(self) -> None:
+        self._server.recvmsg(REQUEST_SIZE, ANCILLARY_SIZE)
+        self._server.sendmsg([self._reply])
+
+    def _answered(self) -> None:
+        size = len(self._reply)
+        data, _ancillary, _flags, _address = self._client.recvmsg(size, ANCILLARY_SIZE)
+        if len(data) == size:
+            self._waiter.set_result(data)
+        else:
+            self._waiter.set_exception(RuntimeError(f"short reply of {len(data)} bytes"))
+
+    async def round_trip(self) -> bytes:
+        self._waiter = self._loop.create_future()
+        self._client.sendmsg([self._request])
+        return await self._waiter
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._client.fileno())
+        self._loop.remove_reader(self._server.fileno())
+        self._client.close()
+        self._server.close()
+
+
+def memory_device() -> tuple[muser.PciDevice, bytearray]:
+    """The device: BAR0 is 4 KiB of memory, read by a plain function."""
+    memory = bytearray(range(256)) * (BAR_SIZE // 256)
+
+    def read(offset: int, count: int) -> bytes:
+        return bytes(memory[offset : offset + count])
+
+    device = muser.PciDevice(
+        vendor_id=VENDOR_ID, device_id=DEVICE_ID, bars={0: muser.Bar(BAR_SIZE, read=read)}
+    )
+    return device, memory
+
+
+async def check_reads(
+    reads: dict[str, RoundTrip], device: muser.PciDevice, memory: bytearray
+) -> None:
+    """Each muser read returns the bytes its region holds."""
+    if device.config.size != CONFIG_SIZE:
+        raise RuntimeError(f"config space is {device.config.size} bytes, not {CONFIG_SIZE}")
+    expected = {
+        "bar0": memory[:READ_SIZE],
+        "config": VENDOR_ID.to_bytes(2, "little") + DEVICE_ID.to_bytes(2, "little"),
+        "config_256": device.config.read(0, CONFIG_SIZE),
+    }
+    for name, data in expected.items():
+        if await reads[name]() != data:
+            raise RuntimeError(f"muser returned the wrong bytes for {BENCHMARKS[name]}")
+
+
+async def bench_loop(
+    directory: str, round_trips: int, repetitions: int, warm_up: int
+) -> dict[str, Any]:
+    """The five benchmarks on the running loop, their repetitions interleaved."""
+    loop = asyncio.get_running_loop()
+    device, memory = memory_device()
+    path = os.path.join(directory, f"{type(loop).__name__}.sock")
+    baselines = {
+        "baseline": EchoBaseline(loop, REPLY_OVERHEAD + READ_SIZE),
+        "baseline_256": EchoBaseline(loop, REPLY_OVERHEAD + CONFIG_SIZE),
+    }
+    try:
+        async with muser.Server(device, path), await muser.Client.connect(path) as client:
+            reads: dict[str, RoundTrip] = {
+                "bar0": functools.partial(client.region_read, PciRegion.BAR0, 0, READ_SIZE),
+                "config": functools.partial(client.region_read, PciRegion.CONFIG, 0, READ_SIZE),
+                "config_256": functools.partial(
+                    client.region_read, PciRegion.CONFIG, 0, CONFIG_SIZE
+                ),
+            }
+            await check_reads(reads, device, memory)
+            every: dict[str, RoundTrip] = {
+                name: baseline.round_trip for name, baseline in baselines.items()
+            }
+            every.update(reads)
+            series = {name: Series(every[name]) for name in BENCHMARKS}
+            for one in series.values():
+                for _ in range(warm_up):
+                    await one.round_trip()
+            for _ in range(repetitions):
+                for one in series.values():
+                    await one.run(round_trips)
+    finally:
+        for baseline in baselines.values():
+            baseline.close()
+    results = {name: asdict(one.result()) for name, one in series.items()}
+    return {
+        "loop": f"{type(loop).__module__}.{type(loop).__qualname__}",
+        **results,
+        "ratio": {
+            name: results[top]["round_trips_per_s"] / results[bottom]["round_trips_per_s"]
+            for name, (top, bottom) in RATIOS.items()
+        },
+    }
+
+
+def machine_facts(pinned: int | None) -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "pinned_cpu": pinned,
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "uvloop": importlib.metadata.version("uvloop"),
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    machine, settings = report["machine"], report["settings"]
+    pinned = machine["pinned_cpu"]
+    print(
+        f"machine: {machine['cpu_count']} CPUs, {machine['cpus_usable']} usable, "
+        f"{'pinned to CPU ' + str(pinned) if pinned is not None else 'not pinned'}; "
+        f"{machine['implementation']} {machine['python']}; uvloop {machine['uvloop']}"
+    )
+    print(f"platform: {machine['platform']}")
+    print(
+        "loops: " + ", ".join(f"{name} = {loop['loop']}" for name, loop in report["loops"].items())
+    )
+    print(
+        f"settings: warm-up {settings['warm_up']}, then {settings['repetitions']} x "
+        f"{settings['round_trips']} round trips per benchmark, interleaved; REGION_READ of "
+        f"{READ_SIZE} bytes (config: region 7 offset 0, bar0: region 0 offset 0) and of "
+        f"{CONFIG_SIZE} bytes (config 256)"
+    )
+    print()
+    header = (
+        f"{'loop':<8} {'benchmark':<12} {'round trips/s':>13} {'spread':>7} "
+        f"{'p50 µs':>8} {'p99 µs':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, loop in report["loops"].items():
+        for key, label in BENCHMARKS.items():
+            result = loop[key]
+            print(
+                f"{name:<8} {label:<12} {result['round_trips_per_s']:>13,.0f} "
+                f"{result['spread']:>7.1%} {result['p50_us']:>8.1f} {result['p99_us']:>8.1f}"
+            )
+    print()
+    header = f"{'loop':<8} " + " ".join(f"{ratio:>{len(ratio)}}" for ratio in RATIOS)
+    print(header)
+    print("-" * len(header))
+    for name, loop in report["loops"].items():
+        print(
+            f"{name:<8} "
+            + " ".join(f"{loop['ratio'][ratio]:>{len(ratio)}.3f}" for ratio in RATIOS)
+        )
+    print()
+    print(f"total time: {report['elapsed_s']:.1f} s")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--round-trips", type=int, default=20000, help="per repetition")
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument(
+        "--loops", default="asyncio,uvloop", help="comma-separated: asyncio, uvloop"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny counts, for a smoke test (overrides counts)"
+    )
+    parser.add_argument("--pin", type=int, metavar="CPU", help="run the process on this CPU only")
+    args = parser.parse_args()
+    args.loops = args.loops.split(",")
+    unknown = set(args.loops) - LOOP_FACTORIES.keys()
+    if unknown:
+        parser.error(f"unknown loops: {', '.join(sorted(unknown))}")
+    if args.round_trips < 1 or args.repetitions < 1:
+        parser.error("--round-trips and --repetitions must be at least 1")
+    if args.pin is not None and args.pin not in os.sched_getaffinity(0):
+        parser.error(f"CPU {args.pin} is not one this process may run on")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    settings = (
+        QUICK
+        if args.quick
+        else {
+            "round_trips": args.round_trips,
+            "repetitions": args.repetitions,
+            "warm_up": WARM_UP,
+        }
+    )
+    machine = machine_facts(args.pin)
+    if args.pin is not None:
+        os.sched_setaffinity(0, {args.pin})
+    started = time.perf_counter()
+    loops: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="muser-bench-") as directory:
+        for name in args.loops:
+            with asyncio.Runner(loop_factory=LOOP_FACTORIES[name]) as runner:
+                loops[name] = runner.run(bench_loop(directory, **settings))
+    report = {
+        "machine": machine,
+        "settings": settings,
+        "loops": loops,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+
+
+if __name__ == "__main__":
+    main()
