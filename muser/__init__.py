@@ -7,7 +7,10 @@ speaks the protocol from the other side, for tests and tools.
 
 from muser.client import Client, MigrationReport, migrate
 from muser.device import Bar, ConfigRegisters, PciDevice, ResetReason
+from muser.device.dma import DmaDeadlockError, DmaLayout
+from muser.device.irq import Delivery
 from muser.device.migration import Migration
+from muser.device.regions import Doorbell, SharedMemory
 from muser.errors import ConnectionClosedError, ProtocolError, VfioUserError
 from muser.pci import (
     DeviceSerialNumber,
@@ -27,7 +30,11 @@ __all__ = [
     "Client",
     "ConfigRegisters",
     "ConnectionClosedError",
+    "Delivery",
     "DeviceSerialNumber",
+    "DmaDeadlockError",
+    "DmaLayout",
+    "Doorbell",
     "Migration",
     "MigrationReport",
     "MigrationState",
@@ -40,6 +47,7 @@ __all__ = [
     "ProtocolError",
     "ResetReason",
     "Server",
+    "SharedMemory",
     "VendorSpecific",
     "VendorSpecificExtended",
     "VfioUserError",

@@ -289,7 +289,7 @@ class ServerConnection(Endpoint):
             frame.close_fds()
 
     def _log_timeout(self, frame: Frame) -> None:
-        """A hung handler, logged without a traceback (it would only show wait_for)."""
+        """A hung handler, logged without a traceback (it would only show the timeout)."""
         self.log.error(
             "handler timed out",
             msg_id=frame.msg_id,

@@ -28,8 +28,7 @@ import time
 from collections.abc import AsyncIterator
 
 import muser
-from muser.device.regions import SharedMemory
-from muser.wire.constants import MigrationState
+from muser import MigrationState, SharedMemory
 
 BAR1_SIZE = 0x3000
 PATTERN = b"".join(bytes([ord("A") + index]) * 1024 for index in range(4))
