@@ -140,7 +140,9 @@ class TestIntx:
     ) -> None:
         intx = device.irqs.intx
         assert intx.trigger() is Delivery.DROPPED, "no eventfd yet"
+        assert not intx.has_eventfd(0)
         await client.set_irqs(0, TRIGGER_EVENTFD, 0, 1, fds=[eventfds[0]])
+        assert intx.has_eventfd(0)
         assert intx.trigger() is Delivery.DELIVERED
         assert counter(eventfds[0]) == 1
         assert intx.trigger() is Delivery.PENDING, "automasked until unmasked"

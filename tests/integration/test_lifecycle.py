@@ -103,9 +103,11 @@ async def test_close_drops_the_attached_client(device: RecordingDevice, sock_pat
     server = Server(device, sock_path)
     await server.start_serving()
     client = await Client.connect(sock_path)
+    assert not client.is_closed
     server.close()
     await server.wait_closed()
     await asyncio.wait_for(client.wait_closed(), 5)
+    assert client.is_closed
     with pytest.raises(ConnectionClosedError):
         await client.get_device_info()
     assert device.resets == [ResetReason.LOST_CONNECTION]
