@@ -24,7 +24,7 @@ Reported: the median round trips/s across repetitions, p50/p99 latency over ever
 round trip timed, and the ratios config/bar0, config/baseline, bar0/baseline,
 config 256/baseline 256 and config 256/config.
 
-    python benchmarks/config_read.py            # 5 x 20000 round trips per loop
+    python benchmarks/config_read.py            # 5 x 10000 round trips per loop, under a minute
     python benchmarks/config_read.py --quick    # smoke test, a second or two
     python benchmarks/config_read.py --json --pin 1 --loops uvloop
 """
@@ -34,23 +34,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import importlib.metadata
 import json
 import logging
-import math
 import os
-import platform
 import socket
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import structlog
-import uvloop
+from common import (
+    LOOP_FACTORIES,
+    add_common_arguments,
+    check_common_arguments,
+    machine_facts,
+    percentile,
+)
 
 import muser
 from muser.wire.constants import PciRegion
@@ -69,11 +71,6 @@ VENDOR_ID = 0x1234
 DEVICE_ID = 0x11E8
 WARM_UP = 2000
 QUICK = {"round_trips": 500, "repetitions": 2, "warm_up": 200}
-
-LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
 
 BENCHMARKS = {
     "baseline": "baseline",
@@ -140,11 +137,6 @@ class Series:
             p50_us=percentile(ordered, 50) / 1000,
             p99_us=percentile(ordered, 99) / 1000,
         )
-
-
-def percentile(ordered: Sequence[int], percent: float) -> int:
-    """Nearest-rank percentile of sorted samples."""
-    return ordered[max(1, math.ceil(len(ordered) * percent / 100)) - 1]
 
 
 class EchoBaseline:
@@ -260,18 +252,6 @@ async def bench_loop(
     }
 
 
-def machine_facts(pinned: int | None) -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "pinned_cpu": pinned,
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "uvloop": importlib.metadata.version("uvloop"),
-    }
-
-
 def print_table(report: dict[str, Any]) -> None:
     machine, settings = report["machine"], report["settings"]
     pinned = machine["pinned_cpu"]
@@ -319,25 +299,13 @@ def print_table(report: dict[str, Any]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--round-trips", type=int, default=20000, help="per repetition")
+    parser.add_argument("--round-trips", type=int, default=10000, help="per repetition")
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument(
-        "--loops", default="asyncio,uvloop", help="comma-separated: asyncio, uvloop"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny counts, for a smoke test (overrides counts)"
-    )
-    parser.add_argument("--pin", type=int, metavar="CPU", help="run the process on this CPU only")
+    add_common_arguments(parser)
     args = parser.parse_args()
-    args.loops = args.loops.split(",")
-    unknown = set(args.loops) - LOOP_FACTORIES.keys()
-    if unknown:
-        parser.error(f"unknown loops: {', '.join(sorted(unknown))}")
+    check_common_arguments(parser, args)
     if args.round_trips < 1 or args.repetitions < 1:
         parser.error("--round-trips and --repetitions must be at least 1")
-    if args.pin is not None and args.pin not in os.sched_getaffinity(0):
-        parser.error(f"CPU {args.pin} is not one this process may run on")
     return args
 
 

@@ -43,15 +43,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.metadata
 import json
 import logging
 import mmap
 import os
-import platform
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -59,7 +56,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import structlog
-import uvloop
+from common import LOOP_FACTORIES, add_common_arguments, check_common_arguments, machine_facts
 
 import muser
 from muser.device.dma import DmaLayout, DmaSpace
@@ -88,11 +85,6 @@ QUICK = {
     "min_ops": 4,
     "repetitions": 2,
     "warm_up": 4,
-}
-
-LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
 }
 
 MAPPED = {
@@ -396,18 +388,6 @@ def size_label(size: int) -> str:
     return f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB"
 
 
-def machine_facts(pinned: int | None) -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "pinned_cpu": pinned,
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "uvloop": importlib.metadata.version("uvloop"),
-    }
-
-
 def print_table(report: dict[str, Any]) -> None:
     machine, settings = report["machine"], report["settings"]
     pinned = machine["pinned_cpu"]
@@ -466,23 +446,11 @@ def parse_args() -> argparse.Namespace:
         help="MiB each message benchmark moves per repetition",
     )
     parser.add_argument("--repetitions", type=int, default=9)
-    parser.add_argument(
-        "--loops", default="asyncio,uvloop", help="comma-separated: asyncio, uvloop"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny counts, for a smoke test (overrides counts)"
-    )
-    parser.add_argument("--pin", type=int, metavar="CPU", help="run the process on this CPU only")
+    add_common_arguments(parser)
     args = parser.parse_args()
-    args.loops = args.loops.split(",")
-    unknown = set(args.loops) - LOOP_FACTORIES.keys()
-    if unknown:
-        parser.error(f"unknown loops: {', '.join(sorted(unknown))}")
+    check_common_arguments(parser, args)
     if args.mapped_mib < 1 or args.message_mib < 1 or args.repetitions < 1:
         parser.error("--mapped-mib, --message-mib and --repetitions must be at least 1")
-    if args.pin is not None and args.pin not in os.sched_getaffinity(0):
-        parser.error(f"CPU {args.pin} is not one this process may run on")
     return args
 
 

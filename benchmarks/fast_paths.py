@@ -38,22 +38,24 @@ import abc
 import argparse
 import asyncio
 import functools
-import importlib.metadata
 import json
 import logging
-import math
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import structlog
-import uvloop
+from common import (
+    LOOP_FACTORIES,
+    add_common_arguments,
+    check_common_arguments,
+    machine_facts,
+    percentile,
+)
 
 import muser
 from muser.device.regions import Doorbell
@@ -75,11 +77,6 @@ QUICK = {
     "wake_ups": 500,
     "repetitions": 2,
     "warm_up": 200,
-}
-
-LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
 }
 
 THROUGHPUT = {
@@ -223,11 +220,6 @@ def multi_writes(client: muser.Client) -> Prepare:
     return prepare
 
 
-def percentile(ordered: Sequence[int], percent: float) -> int:
-    """Nearest-rank percentile of sorted samples."""
-    return ordered[max(1, math.ceil(len(ordered) * percent / 100)) - 1]
-
-
 class Registers:
     """BAR0: 4 KiB of memory behind plain read and write handlers that count writes."""
 
@@ -366,18 +358,6 @@ async def bench_loop(
     }
 
 
-def machine_facts(pinned: int | None) -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "pinned_cpu": pinned,
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "uvloop": importlib.metadata.version("uvloop"),
-    }
-
-
 def print_table(report: dict[str, Any]) -> None:
     machine, settings = report["machine"], report["settings"]
     pinned = machine["pinned_cpu"]
@@ -443,26 +423,14 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--wake-ups", type=int, default=20000, help="of each kind, per repetition")
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument(
-        "--loops", default="asyncio,uvloop", help="comma-separated: asyncio, uvloop"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny counts, for a smoke test (overrides counts)"
-    )
-    parser.add_argument("--pin", type=int, metavar="CPU", help="run the process on this CPU only")
+    add_common_arguments(parser)
     args = parser.parse_args()
-    args.loops = args.loops.split(",")
-    unknown = set(args.loops) - LOOP_FACTORIES.keys()
-    if unknown:
-        parser.error(f"unknown loops: {', '.join(sorted(unknown))}")
+    check_common_arguments(parser, args)
     counts = (args.round_trips, args.writes, args.batches, args.wake_ups, args.repetitions)
     if min(counts) < 1:
         parser.error(
             "--round-trips, --writes, --batches, --wake-ups and --repetitions must be at least 1"
         )
-    if args.pin is not None and args.pin not in os.sched_getaffinity(0):
-        parser.error(f"CPU {args.pin} is not one this process may run on")
     return args
 
 

@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,7 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import structlog
-import uvloop
+from common import LOOP_FACTORIES, add_common_arguments, check_common_arguments, machine_facts
 
 import muser
 from muser.device.irq import Delivery, Irq
@@ -50,11 +47,6 @@ BAR_SIZE = 0x4000
 TRIGGER_EVENTFD = IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER
 WARM_UP = 2000
 QUICK = {"triggers": 2000, "repetitions": 2, "warm_up": 200}
-
-LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
 
 BENCHMARKS = {
     "baseline": "baseline",
@@ -220,18 +212,6 @@ async def bench_loop(
     }
 
 
-def machine_facts(pinned: int | None) -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "pinned_cpu": pinned,
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "uvloop": importlib.metadata.version("uvloop"),
-    }
-
-
 def print_table(report: dict[str, Any]) -> None:
     machine, settings = report["machine"], report["settings"]
     pinned = machine["pinned_cpu"]
@@ -273,23 +253,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--triggers", type=int, default=200000, help="per repetition")
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument(
-        "--loops", default="asyncio,uvloop", help="comma-separated: asyncio, uvloop"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny counts, for a smoke test (overrides counts)"
-    )
-    parser.add_argument("--pin", type=int, metavar="CPU", help="run the process on this CPU only")
+    add_common_arguments(parser)
     args = parser.parse_args()
-    args.loops = args.loops.split(",")
-    unknown = set(args.loops) - LOOP_FACTORIES.keys()
-    if unknown:
-        parser.error(f"unknown loops: {', '.join(sorted(unknown))}")
+    check_common_arguments(parser, args)
     if args.triggers < 1 or args.repetitions < 1:
         parser.error("--triggers and --repetitions must be at least 1")
-    if args.pin is not None and args.pin not in os.sched_getaffinity(0):
-        parser.error(f"CPU {args.pin} is not one this process may run on")
     return args
 
 

@@ -41,14 +41,11 @@ import asyncio
 import contextlib
 import errno
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -56,7 +53,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import structlog
-import uvloop
+from common import LOOP_FACTORIES, add_common_arguments, check_common_arguments, machine_facts
 
 import muser
 from muser.device.regions import SharedMemory
@@ -77,11 +74,6 @@ ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 16)
 WARM_UP = 1
 """Untimed migrations of every kind before the first repetition."""
 QUICK = {"state_bytes": 4 * MiB, "repetitions": 2, "warm_up": 1}
-
-LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
 
 BENCHMARKS = {
     "baseline": "socket relay",
@@ -454,18 +446,6 @@ async def bench_loop(
     }
 
 
-def machine_facts(pinned: int | None) -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "pinned_cpu": pinned,
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "uvloop": importlib.metadata.version("uvloop"),
-    }
-
-
 def print_table(report: dict[str, Any]) -> None:
     machine, settings = report["machine"], report["settings"]
     pinned = machine["pinned_cpu"]
@@ -522,25 +502,13 @@ def parse_args() -> argparse.Namespace:
         help="MiB of device state, a power of two (it is also a BAR's size)",
     )
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument(
-        "--loops", default="asyncio,uvloop", help="comma-separated: asyncio, uvloop"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--quick", action="store_true", help="a small state, for a smoke test (overrides counts)"
-    )
-    parser.add_argument("--pin", type=int, metavar="CPU", help="run the process on this CPU only")
+    add_common_arguments(parser, quick_help="a small state, for a smoke test (overrides counts)")
     args = parser.parse_args()
-    args.loops = args.loops.split(",")
-    unknown = set(args.loops) - LOOP_FACTORIES.keys()
-    if unknown:
-        parser.error(f"unknown loops: {', '.join(sorted(unknown))}")
+    check_common_arguments(parser, args)
     if args.size_mib < 1 or args.size_mib & (args.size_mib - 1):
         parser.error("--size-mib must be a power of two")
     if args.repetitions < 1:
         parser.error("--repetitions must be at least 1")
-    if args.pin is not None and args.pin not in os.sched_getaffinity(0):
-        parser.error(f"CPU {args.pin} is not one this process may run on")
     return args
 
 

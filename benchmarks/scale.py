@@ -42,7 +42,7 @@ per device, with spread, and the p99 over every device of every repetition;
 set-up/baseline; RSS per device (median across repetitions); single and aggregate
 round trips/s (medians) and aggregate/single; the time to close everything.
 
-    python benchmarks/scale.py                   # N = 10, 100, 1000, 5 repetitions
+    python benchmarks/scale.py                   # N = 10, 100, 1000, 3 repetitions, under a minute
     python benchmarks/scale.py --quick           # smoke test: N = 10, a second or two
     python benchmarks/scale.py --json --devices 100,1000 --loops uvloop
 """
@@ -54,26 +54,29 @@ import asyncio
 import contextlib
 import functools
 import gc
-import importlib.metadata
 import json
 import logging
 import math
 import multiprocessing
 import os
-import platform
 import resource
 import socket
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 import structlog
-import uvloop
+from common import (
+    LOOP_FACTORIES,
+    add_common_arguments,
+    check_common_arguments,
+    machine_facts,
+    percentile,
+)
 
 import muser
 from muser.wire import close_fds
@@ -94,11 +97,6 @@ WARM_UP = 1000
 QUICK = {"devices": [10], "reads": 1000, "repetitions": 2, "warm_up": 100}
 
 FORK = multiprocessing.get_context("fork")
-
-LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
 
 PARTS = ("build", "connect", "negotiate", "info", "setup", "baseline")
 """The per-device times a run gathers; setup is connect + negotiate + info."""
@@ -143,11 +141,6 @@ class Stat:
     per_repetition: list[float]
     spread: float
     """(max - min) / median."""
-
-
-def percentile(ordered: Sequence[int], percent: float) -> int:
-    """Nearest-rank percentile of sorted samples."""
-    return ordered[max(1, math.ceil(len(ordered) * percent / 100)) - 1]
 
 
 def stat(values: list[float]) -> Stat:
@@ -444,18 +437,6 @@ def raise_fd_limit(needed: int) -> dict[str, int]:
     }
 
 
-def machine_facts(pinned: int | None) -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "pinned_cpu": pinned,
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "uvloop": importlib.metadata.version("uvloop"),
-    }
-
-
 def print_table(report: dict[str, Any]) -> None:
     machine, settings, limits = report["machine"], report["settings"], report["fd_limits"]
     pinned = machine["pinned_cpu"]
@@ -546,34 +527,22 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated device counts N",
     )
     parser.add_argument(
-        "--reads", type=int, default=20000, help="per rate measurement, R (K = R // N)"
+        "--reads", type=int, default=5000, help="per rate measurement, R (K = R // N)"
     )
-    parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument(
-        "--loops", default="asyncio,uvloop", help="comma-separated: asyncio, uvloop"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="N = 10 and tiny counts, for a smoke test (overrides --devices and counts)",
-    )
-    parser.add_argument(
-        "--pin", type=int, metavar="CPU", help="run the processes on this CPU only"
+    parser.add_argument("--repetitions", type=int, default=3)
+    add_common_arguments(
+        parser,
+        quick_help="N = 10 and tiny counts, for a smoke test (overrides --devices and counts)",
+        pin_help="run the processes on this CPU only",
     )
     args = parser.parse_args()
-    args.loops = args.loops.split(",")
-    unknown = set(args.loops) - LOOP_FACTORIES.keys()
-    if unknown:
-        parser.error(f"unknown loops: {', '.join(sorted(unknown))}")
+    check_common_arguments(parser, args)
     try:
         args.devices = [int(count) for count in args.devices.split(",")]
     except ValueError:
         parser.error("--devices takes comma-separated integers")
     if min(args.devices) < 1 or args.reads < 1 or args.repetitions < 1:
         parser.error("--devices, --reads and --repetitions must be at least 1")
-    if args.pin is not None and args.pin not in os.sched_getaffinity(0):
-        parser.error(f"CPU {args.pin} is not one this process may run on")
     return args
 
 
