@@ -23,7 +23,15 @@ from muser.pci import (
     VendorSpecificExtended,
 )
 from muser.server import Server
-from muser.wire.constants import MigrationState
+from muser.wire.constants import (
+    DmaMapFlag,
+    DmaUnmapFlag,
+    IrqIndex,
+    IrqSetFlag,
+    MigrationFlag,
+    MigrationState,
+    PciRegion,
+)
 
 __all__ = [
     "Bar",
@@ -34,14 +42,20 @@ __all__ = [
     "DeviceSerialNumber",
     "DmaDeadlockError",
     "DmaLayout",
+    "DmaMapFlag",
+    "DmaUnmapFlag",
     "Doorbell",
+    "IrqIndex",
+    "IrqSetFlag",
     "Migration",
+    "MigrationFlag",
     "MigrationReport",
     "MigrationState",
     "Msi",
     "MsiX",
     "PciDevice",
     "PciExpress",
+    "PciRegion",
     "PcieType",
     "PowerManagement",
     "ProtocolError",

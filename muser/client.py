@@ -198,6 +198,7 @@ class Client(Endpoint):
         major: int = PROTOCOL_MAJOR,
         minor: int = PROTOCOL_MINOR,
     ) -> Version:
+        """Send VERSION with our capabilities; every other command needs it first."""
         if capabilities is None:
             capabilities = {
                 "max_msg_fds": CLIENT_MAX_MSG_FDS,
@@ -212,6 +213,7 @@ class Client(Endpoint):
         return reply
 
     async def get_device_info(self) -> DeviceInfo:
+        """DEVICE_GET_INFO: the device's flags and region and IRQ counts."""
         request = DeviceInfo(16, 0, 0, 0).build()
         return DeviceInfo.parse((await self.request(Command.DEVICE_GET_INFO, request)).payload)
 
@@ -226,11 +228,13 @@ class Client(Endpoint):
     async def get_region_io_fds(
         self, index: int, *, argsz: int = 16
     ) -> tuple[IoFdsReply, list[int]]:
+        """DEVICE_GET_REGION_IO_FDS: the doorbell eventfds of a region, and the fds."""
         request = IoFdsRequest(argsz, 0, index, 0).build()
         reply = await self.request(Command.DEVICE_GET_REGION_IO_FDS, request)
         return IoFdsReply.parse(reply.payload), reply.take_fds()
 
     async def get_irq_info(self, index: int) -> IrqInfo:
+        """DEVICE_GET_IRQ_INFO: the flags and vector count of one IRQ index."""
         request = IrqInfo(16, 0, index, 0).build()
         return IrqInfo.parse((await self.request(Command.DEVICE_GET_IRQ_INFO, request)).payload)
 
@@ -244,10 +248,12 @@ class Client(Endpoint):
         data: bytes = b"",
         fds: Sequence[int] = (),
     ) -> None:
+        """DEVICE_SET_IRQS: wire, trigger, mask or unmask vectors, as the kernel's ioctl."""
         request = IrqSet(20 + len(data), flags, index, start, count, data)
         await self.request(Command.DEVICE_SET_IRQS, request.build(), fds)
 
     async def region_read(self, region: int, offset: int, count: int) -> bytes:
+        """REGION_READ: `count` bytes of a region, checked to be what was asked."""
         request = RegionAccess(offset, region, count).build()
         reply = RegionData.parse((await self.request(Command.REGION_READ, request)).payload)
         if reply.count != count or len(reply.data) != count:
@@ -302,6 +308,7 @@ class Client(Endpoint):
             self._guest[address] = memoryview(backing)[:size]
 
     async def dma_unmap(self, address: int, size: int, *, flags: int = 0) -> DmaUnmapReply:
+        """DMA_UNMAP: remove a window (or all, with UNMAP_ALL); the server quiesces it."""
         request = DmaUnmap(24, flags, address, size, None).build()
         reply = DmaUnmapReply.parse((await self.request(Command.DMA_UNMAP, request)).payload)
         if flags & DmaUnmapFlag.UNMAP_ALL:
@@ -311,12 +318,14 @@ class Client(Endpoint):
         return reply
 
     async def migration_flags(self) -> MigrationFlag:
+        """What migration the device offers (DEVICE_FEATURE MIGRATION)."""
         reply = await self.device_feature(
             FeatureFlag.GET | Feature.MIGRATION, argsz=DeviceFeature.SIZE + MigrationFeature.SIZE
         )
         return MigrationFlag(MigrationFeature.parse(reply.data).flags)
 
     async def migration_state(self) -> MigrationState:
+        """The device's migration state (DEVICE_FEATURE MIG_DEVICE_STATE GET)."""
         reply = await self.device_feature(
             FeatureFlag.GET | Feature.MIG_DEVICE_STATE,
             argsz=DeviceFeature.SIZE + MigDeviceState.SIZE,
@@ -324,26 +333,31 @@ class Client(Endpoint):
         return MigrationState(MigDeviceState.parse(reply.data).device_state)
 
     async def set_migration_state(self, state: MigrationState) -> None:
+        """Move the device to `state` (DEVICE_FEATURE MIG_DEVICE_STATE SET)."""
         await self.device_feature(
             FeatureFlag.SET | Feature.MIG_DEVICE_STATE, MigDeviceState(state, 0).build()
         )
 
     async def reset(self) -> None:
+        """DEVICE_RESET: the device's reset hook runs with ResetReason.DEVICE_RESET."""
         await self.request(Command.DEVICE_RESET, Empty().build())
 
     async def device_feature(
         self, flags: int, data: bytes = b"", *, argsz: int | None = None
     ) -> DeviceFeature:
+        """DEVICE_FEATURE with raw flags and data, for what the helpers don't cover."""
         request = DeviceFeature(8 + len(data) if argsz is None else argsz, flags, data)
         reply = await self.request(Command.DEVICE_FEATURE, request.build())
         return DeviceFeature.parse(reply.payload)
 
     async def mig_data_read(self, size: int) -> bytes:
+        """MIG_DATA_READ: up to `size` bytes of migration data; empty at the end."""
         request = MigDataRead(8 + size, size).build()
         reply = MigData.parse((await self.request(Command.MIG_DATA_READ, request)).payload)
         return reply.data[: reply.size]
 
     async def mig_data_write(self, data: bytes) -> None:
+        """MIG_DATA_WRITE: hand migration data to a resuming device."""
         request = MigData(8 + len(data), len(data), data).build()
         await self.request(Command.MIG_DATA_WRITE, request)
 

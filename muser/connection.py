@@ -20,7 +20,7 @@ from typing import Any
 from muser.device import PciDevice, ResetReason
 from muser.device.dma import DmaLayout
 from muser.device.migration import MigrationController
-from muser.endpoint import Endpoint, command_name
+from muser.endpoint import Endpoint, WireRecorder, command_name
 from muser.errors import ConnectionClosedError, ProtocolError, VfioUserError
 from muser.transport import WRITE_HIGH_WATER
 from muser.wire import (
@@ -138,12 +138,14 @@ class ServerConnection(Endpoint):
         dma_layout: DmaLayout,
         logger: Any,
         handler_timeout: float | None = None,
+        recorder: WireRecorder | None = None,
     ) -> None:
         super().__init__(
             sock,
             max_message_size=max_data_xfer_size + MESSAGE_OVERHEAD,
             max_receive_fds=MAX_MSG_FDS,
             logger=logger,
+            recorder=recorder,
         )
         self.device = device
         self.max_data_xfer_size = max_data_xfer_size
@@ -156,6 +158,7 @@ class ServerConnection(Endpoint):
         self._queued_bytes = 0
         self._busy = False
         self._closing = False
+        self._shutting_down = False
         self._task: asyncio.Task[None] | None = None
         self._messenger: DmaMessenger | None = None
         self._handler_task: asyncio.Task[None] | None = None
@@ -187,6 +190,9 @@ class ServerConnection(Endpoint):
     # Queueing, in arrival order
 
     def _command_received(self, frame: Frame) -> None:
+        if self._shutting_down:
+            frame.close_fds()
+            return
         self._queue.append(frame)
         self._queued_bytes += len(frame.payload)
         if self._queued_bytes > MAX_QUEUED_BYTES or len(self._queue) > MAX_QUEUED_FRAMES:
@@ -225,7 +231,7 @@ class ServerConnection(Endpoint):
                 break
         self._busy = False
         self._drop_queue()
-        if self._closing:
+        if self._closing or self._shutting_down:
             self.transport.close_when_sent()
         else:
             self.transport.resume_reading()
@@ -349,6 +355,15 @@ class ServerConnection(Endpoint):
             return
 
     # Teardown
+
+    def shut_down(self) -> None:
+        """Close gracefully: the command in progress still gets its reply (and the
+        replies to DMA it requests still arrive), commands not yet started are
+        dropped, and the connection closes once its replies are sent."""
+        self._shutting_down = True
+        self._drop_queue()
+        if not self._busy:
+            self.transport.close_when_sent()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)

@@ -13,7 +13,7 @@ import errno
 import logging
 import socket
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -46,14 +46,32 @@ def command_name(command: int) -> str:
         return str(command)
 
 
+class WireRecorder(Protocol):
+    """Sees every whole message an endpoint receives and sends (see `muser.trace`)."""
+
+    def received(self, frame: Frame) -> None: ...
+
+    def sent(self, message: bytes, nfds: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Endpoint:
     """One side of a connected vfio-user socket."""
 
     def __init__(
-        self, sock: socket.socket, *, max_message_size: int, max_receive_fds: int, logger: Any
+        self,
+        sock: socket.socket,
+        *,
+        max_message_size: int,
+        max_receive_fds: int,
+        logger: Any,
+        recorder: WireRecorder | None = None,
     ) -> None:
         self.log = logger
         self._debug = debug_enabled(logger)
+        self._recorder = recorder
+        """Off (None) unless tracing: one test per message is all it costs then."""
         self._framer = Framer(max_message_size)
         self._requests: dict[int, tuple[int, asyncio.Future[Frame]]] = {}
         self._next_msg_id = 0
@@ -78,6 +96,8 @@ class Endpoint:
                     size=len(frame.payload),
                     fds=len(frame.fds),
                 )
+            if self._recorder is not None:
+                self._recorder.received(frame)
             if frame.is_reply:
                 self._reply_received(frame)
             else:
@@ -92,6 +112,8 @@ class Endpoint:
             if not future.done():
                 future.set_exception(ConnectionClosedError("connection lost"))
         self._requests.clear()
+        if self._recorder is not None:
+            self._recorder.close()
         if exc is not None:
             self.log.info("connection lost", error=str(exc))
         if not self._lost.done():
@@ -137,6 +159,8 @@ class Endpoint:
     ) -> None:
         header = encode_header(msg_id, command, len(payload), flags, error)
         self.transport.send((header, payload) if payload else (header,), fds)
+        if self._recorder is not None:
+            self._recorder.sent(header + payload, len(fds))
 
     def _allocate_msg_id(self) -> int:
         msg_id = self._next_msg_id

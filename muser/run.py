@@ -14,6 +14,7 @@ import logging
 import os
 import pkgutil
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,15 +23,20 @@ import structlog
 
 from muser.device import PciDevice
 from muser.device.dma import DmaLayout
-from muser.server import Server
+from muser.server import Server, is_listening
 
 SAMPLE_PACKAGE = "muser_samples"
 DEFAULT_SAMPLE = "gpio"
 
 
 def sample_names() -> list[str]:
+    """The sample modules that make a device (`create`); others show how to embed one."""
     package = importlib.import_module(SAMPLE_PACKAGE)
-    return sorted(module.name for module in pkgutil.iter_modules(package.__path__))
+    return sorted(
+        module.name
+        for module in pkgutil.iter_modules(package.__path__)
+        if hasattr(importlib.import_module(f"{SAMPLE_PACKAGE}.{module.name}"), "create")
+    )
 
 
 def load_device_factory(spec: str) -> Callable[[], PciDevice]:
@@ -93,21 +99,53 @@ def qemu_hint(path: str) -> str:
     )
 
 
-async def serve(devices: Sequence[tuple[PciDevice, str]], dma_layout: DmaLayout) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    servers = [Server(device, path, dma_layout=dma_layout) for device, path in devices]
+def inherited_socket(fd: int) -> socket.socket:
+    """The socket a parent passed as fd `fd`, listening or already connected."""
     try:
-        for server in servers:
-            await server.start_serving()
-            print(f"{server.device.name}: serving on {server.path}", file=sys.stderr)
-            print(qemu_hint(server.path), file=sys.stderr)
-        await stop.wait()
-    finally:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise SystemExit(f"--fd {fd}: not a socket: {exc.strerror}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def announce(server: Server, listening: bool) -> None:
+    if listening:
+        print(f"{server.device.name}: serving on {server.path}", file=sys.stderr)
+        print(qemu_hint(server.path), file=sys.stderr)
+    else:
+        print(f"{server.device.name}: serving its connected client", file=sys.stderr)
+
+
+async def serve(
+    devices: Sequence[tuple[PciDevice, str | socket.socket]],
+    dma_layout: DmaLayout,
+    trace: str | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, or until every server is done (the clients of
+    inherited connected sockets have left)."""
+    servers = [
+        Server(device, where, dma_layout=dma_layout, trace=trace)
+        if isinstance(where, str)
+        else Server(device, sock=where, dma_layout=dma_layout, trace=trace)
+        for device, where in devices
+    ]
+    listening = [isinstance(where, str) or is_listening(where) for _, where in devices]
+
+    def close_all() -> None:
         for server in servers:
             server.close()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, close_all)
+    try:
+        for server, accepts in zip(servers, listening, strict=True):
+            await server.start_serving()
+            announce(server, accepts)
+        await asyncio.gather(*(server.serve_forever() for server in servers))
+    finally:
+        close_all()
         for server in servers:
             await server.wait_closed()
 
@@ -134,6 +172,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(default: $XDG_RUNTIME_DIR or /tmp, muser-NAME.sock)",
     )
     parser.add_argument(
+        "--fd",
+        action="append",
+        type=int,
+        default=[],
+        metavar="N",
+        help="an inherited socket fd, once per device in order instead of --socket: "
+        "a listening one is accepted from, a connected one served until its client leaves",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument("--log-format", default="console", choices=["console", "json"])
@@ -145,22 +192,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="DMA_READ/DMA_WRITE layout: qemu for QEMU's vfio-user-pci, whose layout "
         "differs from the spec (only used for guest memory that is not shared)",
     )
+    parser.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="append every message in and out to FILE as JSON lines "
+        "(replay with python -m muser.trace replay FILE DEVICE)",
+    )
     args = parser.parse_args(argv)
-    if len(args.socket) > len(args.devices):
-        parser.error("more --socket options than devices")
+    if args.socket and args.fd:
+        parser.error("--socket and --fd do not mix")
+    if len(args.socket) > len(args.devices) or len(args.fd) > len(args.devices):
+        parser.error("more --socket or --fd options than devices")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    devices = []
+    devices: list[tuple[PciDevice, str | socket.socket]] = []
     for position, spec in enumerate(args.devices):
         device = load_device_factory(spec)()
-        path = args.socket[position] if position < len(args.socket) else default_socket_path(spec)
-        devices.append((device, path))
+        if position < len(args.fd):
+            devices.append((device, inherited_socket(args.fd[position])))
+        elif position < len(args.socket):
+            devices.append((device, args.socket[position]))
+        else:
+            devices.append((device, default_socket_path(spec)))
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-        runner.run(serve(devices, DmaLayout(args.dma_layout)))
+        runner.run(serve(devices, DmaLayout(args.dma_layout), args.trace))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Serve a device on a UNIX socket path, one client at a time.
+"""Serve a device on a UNIX socket, one client at a time.
 
-The socket file is created with mode 0600 before `listen`, so nobody can connect
-while it is briefly more open. A stale socket file left by a dead server is
-replaced; a live server's is not. While a client is attached, further clients
-wait in the listen backlog and are accepted once it leaves (as libvfio-user does),
-so a quick reconnect after a disconnect never races the old session's teardown.
+Given a path, the socket file is created with mode 0600 before `listen`, so nobody
+can connect while it is briefly more open. A stale socket file left by a dead
+server is replaced; a live server's is not. While a client is attached, further
+clients wait in the listen backlog and are accepted once it leaves (as
+libvfio-user does), so a quick reconnect after a disconnect never races the old
+session's teardown. An embedder may instead hand over a socket it made: a
+listening one (its file stays the embedder's), or one already connected to a
+client, which is served until that client leaves.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import structlog
 from muser.connection import ServerConnection
 from muser.device import PciDevice
 from muser.device.dma import DmaLayout
+from muser.endpoint import WireRecorder
 from muser.wire.constants import DEFAULT_MAX_DATA_XFER_SIZE
 
 LISTEN_BACKLOG = 8
@@ -40,6 +44,17 @@ def _socket_is_live(path: str) -> bool:
     finally:
         probe.close()
     return True
+
+
+def is_listening(sock: socket.socket) -> bool:
+    """Whether `sock` accepts connections (SO_ACCEPTCONN) rather than being one."""
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+
+def socket_path(sock: socket.socket) -> str:
+    """The path `sock` is bound to; "" for an unnamed socket (one of a socketpair)."""
+    name = sock.getsockname()
+    return os.fsdecode(name) if name else ""
 
 
 def bind_unix_socket(path: str, mode: int = 0o600) -> tuple[socket.socket, tuple[int, int]]:
@@ -72,27 +87,45 @@ def bind_unix_socket(path: str, mode: int = 0o600) -> tuple[socket.socket, tuple
     return sock, (info.st_dev, info.st_ino)
 
 
+def _where(path: str | os.PathLike[str] | None, sock: socket.socket | None) -> str:
+    if sock is None:
+        if path is None:
+            raise TypeError("Server needs a socket path or a socket")
+        return os.fspath(path)
+    if path is not None:
+        raise TypeError("Server takes a socket path or a socket, not both")
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ValueError("Server needs an AF_UNIX SOCK_STREAM socket")
+    return socket_path(sock)
+
+
 class Server:
-    """Serves one device at one socket path; several can share one loop.
+    """Serves one device on one socket; several can share one loop.
 
     Used like `asyncio.Server`: `async with Server(device, path):`, or
-    `start_serving` / `serve_forever` / `close` / `wait_closed`.
+    `start_serving` / `serve_forever` / `close` / `wait_closed`. Instead of a path,
+    `sock=` takes a UNIX stream socket the server then owns: a listening one is
+    accepted from (its file is left for its creator to remove), a connected one is
+    served until its client leaves, which ends the server.
     """
 
     def __init__(
         self,
         device: PciDevice,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None = None,
         *,
+        sock: socket.socket | None = None,
         max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
         dma_layout: DmaLayout = DmaLayout.SPEC,
         handler_timeout: float | None = DEFAULT_HANDLER_TIMEOUT,
         mode: int = 0o600,
         allowed_uids: Iterable[int] | None = None,
         allowed_gids: Iterable[int] | None = None,
+        trace: str | os.PathLike[str] | None = None,
     ) -> None:
         self.device = device
-        self.path = os.fspath(path)
+        self.path = _where(path, sock)
+        """Where clients connect; for a given socket, its bound name ("" if unnamed)."""
         self.max_data_xfer_size = max_data_xfer_size
         self.dma_layout = dma_layout
         """How DMA_READ/DMA_WRITE are laid out; DmaLayout.QEMU for QEMU's client."""
@@ -100,33 +133,52 @@ class Server:
         """Seconds an awaiting handler may take before the client gets ETIMEDOUT
         (under QEMU's own 5 s); None waits forever."""
         self.mode = mode
-        """Permissions of the socket file; only its owner may connect by default."""
+        """Permissions of the socket file muser creates; only its owner may connect by
+        default. A given socket's file is its creator's to set up."""
         self.allowed_uids = None if allowed_uids is None else frozenset(allowed_uids)
         self.allowed_gids = None if allowed_gids is None else frozenset(allowed_gids)
         """When set, peers whose uid (or gid) is not listed are refused (SO_PEERCRED)."""
+        self.trace = None if trace is None else os.fspath(trace)
+        """A JSON-lines file every session's messages are appended to (`muser.trace`)."""
         self.connection: ServerConnection | None = None
         """The attached client's session, if one is attached."""
         self.log: Any = structlog.get_logger("muser").bind(socket=self.path, device=device.name)
+        self._given = sock
+        """The caller's socket, until serving starts (or close, if it never does)."""
+        self._serving = False
         self._listener: socket.socket | None = None
         self._identity: tuple[int, int] | None = None
+        """The (device, inode) of the socket file muser created, the only one it removes."""
         self._accepting = False
         self._sessions: set[asyncio.Task[None]] = set()
         self._closed: asyncio.Event | None = None
 
     def is_serving(self) -> bool:
-        return self._listener is not None
+        """Serving clients (between start_serving and close)."""
+        return self._serving
 
     async def start_serving(self) -> None:
-        if self._listener is not None:
+        """Start serving on the running loop and return at once."""
+        if self._serving:
             return
         self._closed = asyncio.Event()
-        self._listener, self._identity = bind_unix_socket(self.path, self.mode)
+        given, self._given = self._given, None
+        if given is None:
+            self._listener, self._identity = bind_unix_socket(self.path, self.mode)
+        elif is_listening(given):
+            given.setblocking(False)
+            self._listener = given
+        self._serving = True
         self.device.doorbells.watch()
-        self._resume_accepting()
         self.log.info("serving")
+        if self._listener is not None:
+            self._resume_accepting()
+        elif given is not None:
+            self._attach(given)
 
     async def serve_forever(self) -> None:
-        """Serve until `close` is called (or the task is cancelled, which closes)."""
+        """Serve until `close` is called, the connected client of a given socket
+        leaves, or the task is cancelled (which closes)."""
         await self.start_serving()
         assert self._closed is not None
         try:
@@ -154,21 +206,16 @@ class Server:
         except OSError as exc:
             self.log.warning("accept failed", error=str(exc))
             return
-        if not self._peer_allowed(sock):
+        self._attach(sock)
+
+    def _attach(self, sock: socket.socket) -> None:
+        """Start a session with the client on `sock`, if it is allowed; without a
+        listener, a client that cannot be served leaves nothing to serve."""
+        connection = self._connect(sock) if self._peer_allowed(sock) else None
+        if connection is None:
             sock.close()
-            return
-        try:
-            connection = ServerConnection(
-                sock,
-                self.device,
-                max_data_xfer_size=self.max_data_xfer_size,
-                dma_layout=self.dma_layout,
-                logger=self.log,
-                handler_timeout=self.handler_timeout,
-            )
-        except Exception as exc:
-            sock.close()
-            self.log.exception("could not set up a client connection", exc_info=exc)
+            if self._listener is None:
+                self.close()
             return
         self._pause_accepting()
         connection.log = self.log.bind(client_pid=connection.transport.peer_pid())
@@ -177,6 +224,27 @@ class Server:
         session = asyncio.get_running_loop().create_task(self._session(connection))
         self._sessions.add(session)
         session.add_done_callback(self._sessions.discard)
+
+    def _connect(self, sock: socket.socket) -> ServerConnection | None:
+        try:
+            return ServerConnection(
+                sock,
+                self.device,
+                max_data_xfer_size=self.max_data_xfer_size,
+                dma_layout=self.dma_layout,
+                logger=self.log,
+                handler_timeout=self.handler_timeout,
+                recorder=None if self.trace is None else self._open_trace(self.trace),
+            )
+        except Exception as exc:
+            self.log.exception("could not set up a client connection", exc_info=exc)
+            return None
+
+    @staticmethod
+    def _open_trace(path: str) -> WireRecorder:
+        from muser.trace import WireTrace  # noqa: PLC0415 - loaded only when tracing
+
+        return WireTrace(path)
 
     def _peer_allowed(self, sock: socket.socket) -> bool:
         if self.allowed_uids is None and self.allowed_gids is None:
@@ -199,30 +267,42 @@ class Server:
         await connection.finished
         connection.log.info("client disconnected")
         self.connection = None
-        self._resume_accepting()
+        if self._listener is None:
+            self.close()
+        else:
+            self._resume_accepting()
 
     def close(self) -> None:
-        """Stop listening, remove the socket file, and drop the attached client."""
-        if self._listener is None:
+        """Stop listening and remove the socket file muser created; the attached
+        client's request in progress is answered before it is dropped."""
+        if self._given is not None:
+            self._given.close()
+            self._given = None
+        if not self._serving:
             return
+        self._serving = False
         self._pause_accepting()
-        self._listener.close()
-        self._listener = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         self._unlink_own_socket()
         self.device.doorbells.unwatch()
         if self.connection is not None:
-            self.connection.close()
+            self.connection.shut_down()
         if self._closed is not None:
             self._closed.set()
         self.log.info("closed")
 
     def _unlink_own_socket(self) -> None:
         """Remove the socket file unless someone has replaced it with their own."""
+        identity, self._identity = self._identity, None
+        if identity is None:
+            return
         try:
             info = os.lstat(self.path)
         except FileNotFoundError:
             return
-        if (info.st_dev, info.st_ino) == self._identity:
+        if (info.st_dev, info.st_ino) == identity:
             os.unlink(self.path)
 
     async def wait_closed(self) -> None:

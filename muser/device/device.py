@@ -90,6 +90,13 @@ def _joined(pieces: list[bytes | Awaitable[bytes]]) -> bytes | Awaitable[bytes]:
     return _join_when_read(pieces)
 
 
+def _check_identity(**fields: tuple[int, int]) -> None:
+    """Name the field a declaration got wrong, rather than fail deep in the header."""
+    for name, (value, bits) in fields.items():
+        if not 0 <= value < 1 << bits:
+            raise ValueError(f"{name} {value:#x} does not fit in {bits} bits")
+
+
 class PciDevice:
     """A PCI device: identity, BARs, expansion ROM, capabilities and config space.
     Subclass it, or build one directly.
@@ -122,6 +129,14 @@ class PciDevice:
         name: str | None = None,
     ) -> None:
         self.name = name or type(self).__name__
+        _check_identity(
+            vendor_id=(vendor_id, 16),
+            device_id=(device_id, 16),
+            subsystem_vendor_id=(subsystem_vendor_id, 16),
+            subsystem_id=(subsystem_id, 16),
+            revision=(revision, 8),
+            class_code=(class_code, 24),
+        )
         self.bars: Mapping[int, Bar] = MappingProxyType(dict(bars or {}))
         """The BARs by index, fixed once the device is built."""
         self._check_bars()
@@ -315,6 +330,8 @@ class PciDevice:
         ]
 
     def carried_state(self) -> list[tuple[int, bytes]]:
+        """The records muser migrates for the device at stop-copy: config space,
+        interrupt state, the MSI-X table and mappable BAR memory."""
         records = [
             (TAG_CONFIG, self.config.read(0, self.config.size)),
             (TAG_INTERRUPTS, self.irqs.save()),

@@ -150,6 +150,7 @@ class Migration:
 
     @property
     def flags(self) -> MigrationFlag:
+        """What DEVICE_FEATURE MIGRATION reports for this declaration."""
         flags = MigrationFlag.STOP_COPY
         if self.pre_copy:
             flags |= MigrationFlag.PRE_COPY

@@ -161,4 +161,5 @@ class ConfigRegisters:
 
     @property
     def span(self) -> range:
+        """The config-space offsets these registers claim."""
         return range(self.offset, self.offset + self.size)

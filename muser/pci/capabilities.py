@@ -92,6 +92,7 @@ class Capability:
 
     @property
     def size(self) -> int:
+        """Bytes the capability occupies in config space."""
         raise NotImplementedError
 
     def image(self) -> Image:
@@ -160,6 +161,7 @@ class PowerManagement(Capability):
         return image
 
     def supports(self, state: int) -> bool:
+        """Whether the guest may enter power state `state` (D1 and D2 are optional)."""
         optional = {PowerState.D1: self.d1, PowerState.D2: self.d2}
         return optional.get(PowerState(state), True)
 
@@ -198,6 +200,7 @@ class Msi(Capability):
 
     @property
     def data_offset(self) -> int:
+        """Where Message Data sits: after a 32- or 64-bit Message Address."""
         return 0x0C if self.address_64 else 0x08
 
     @property
@@ -207,6 +210,7 @@ class Msi(Capability):
 
     @property
     def pending_offset(self) -> int | None:
+        """Where Pending Bits sit; None without per-vector masking."""
         mask = self.mask_offset
         return None if mask is None else mask + 4
 
@@ -219,6 +223,7 @@ class Msi(Capability):
 
     @property
     def multiple_message_capable(self) -> int:
+        """The MMC field: log2 of the vector count."""
         return self.vectors.bit_length() - 1
 
     def image(self) -> Image:
@@ -291,10 +296,12 @@ class MsiX(Capability):
 
     @property
     def table_bytes(self) -> int:
+        """The MSI-X table's size in its BAR (16 bytes per entry)."""
         return self.ENTRY_SIZE * self.table_size
 
     @property
     def pba_bytes(self) -> int:
+        """The PBA's size in its BAR: a bit per vector, in whole qwords."""
         return 8 * -(-self.table_size // 64)
 
     @property
@@ -364,6 +371,7 @@ class PciExpress(Capability):
 
     @property
     def has_link(self) -> bool:
+        """Root-complex integrated endpoints have no link registers to fill in."""
         return self.device_type != PcieType.RC_INTEGRATED_ENDPOINT
 
     def image(self) -> Image:
@@ -447,6 +455,7 @@ class ExtendedCapability:
 
     @property
     def size(self) -> int:
+        """Bytes the capability occupies in config space."""
         raise NotImplementedError
 
     def image(self) -> Image:

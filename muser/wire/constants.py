@@ -75,6 +75,8 @@ ERROR_BIT = int(HeaderFlag.ERROR)
 
 
 class DmaMapFlag(IntFlag):
+    """Access a DMA_MAP grants the device to a window."""
+
     READ = 0x1
     WRITE = 0x2
     MMAP = 0x4
@@ -84,6 +86,8 @@ class DmaMapFlag(IntFlag):
 
 
 class DmaUnmapFlag(IntFlag):
+    """DMA_UNMAP options (the dirty bitmap is migration v1's)."""
+
     GET_DIRTY_BITMAP = 0x1
     """Legacy (migration v1): return the window's dirty bitmap before unmapping."""
     UNMAP_ALL = 0x2
@@ -134,6 +138,8 @@ PCI_NUM_REGIONS = 9
 
 
 class IrqIndex(IntEnum):
+    """IRQ indexes of a PCI device, as DEVICE_GET_IRQ_INFO and SET_IRQS number them."""
+
     INTX = 0
     MSI = 1
     MSIX = 2
@@ -152,6 +158,8 @@ class IrqInfoFlag(IntFlag):
 
 
 class IrqSetFlag(IntFlag):
+    """DEVICE_SET_IRQS: one DATA_* kind and one ACTION_* per request."""
+
     DATA_NONE = 0x01
     DATA_BOOL = 0x02
     DATA_EVENTFD = 0x04
@@ -201,12 +209,16 @@ class Feature(IntEnum):
 
 
 class MigrationFlag(IntFlag):
+    """What DEVICE_FEATURE MIGRATION reports a device supports."""
+
     STOP_COPY = 0x1
     P2P = 0x2
     PRE_COPY = 0x4
 
 
 class MigrationState(IntEnum):
+    """Device states of vfio migration v2 (Linux's `enum vfio_device_mig_state`)."""
+
     ERROR = 0
     STOP = 1
     RUNNING = 2

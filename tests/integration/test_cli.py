@@ -151,3 +151,21 @@ def test_unknown_device_is_an_error() -> None:
     )
     assert result.returncode != 0
     assert "unknown device 'nonesuch'" in result.stderr
+
+
+@one_loop
+async def test_trace_records_what_a_client_sends_and_receives(sock_dir: str) -> None:
+    path, trace = os.path.join(sock_dir, "null.sock"), os.path.join(sock_dir, "wire.jsonl")
+    process = await start("null", "--socket", path, "--trace", trace)
+    await wait_for_socket(path, process)
+    async with await Client.connect(path) as client:
+        await client.region_read(7, 0, 4)
+    await stop(process, signal.SIGTERM)
+    with open(trace) as lines:
+        records = [json.loads(line) for line in lines]
+    assert [(record["dir"], record["name"]) for record in records] == [
+        ("c2s", "VFIO_USER_VERSION"),
+        ("s2c", "VFIO_USER_VERSION"),
+        ("c2s", "VFIO_USER_REGION_READ"),
+        ("s2c", "VFIO_USER_REGION_READ"),
+    ]

@@ -7,14 +7,17 @@ import asyncio
 import mmap
 import os
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 
 from muser import Client, Server
-from muser.wire.constants import IrqSetFlag
+from muser.testing import DeviceSession
+from muser.wire.constants import IrqIndex, IrqSetFlag
 from muser_samples import edu, gpio
 
 TRIGGER_EVENTFD = IrqSetFlag.ACTION_TRIGGER | IrqSetFlag.DATA_EVENTFD
+Attached = AbstractAsyncContextManager[DeviceSession]
 
 
 def counter(fd: int) -> int:
@@ -101,9 +104,15 @@ class TestEdu:
         return edu.create()
 
     @pytest.fixture
-    async def client(self, device: edu.Edu, sock_path: str) -> AsyncIterator[Client]:
-        async with Server(device, sock_path), await Client.connect(sock_path) as connected:
-            yield connected
+    async def session(
+        self, device: edu.Edu, muser_attach: Callable[..., Attached]
+    ) -> AsyncIterator[DeviceSession]:
+        async with muser_attach(device) as attached:
+            yield attached
+
+    @pytest.fixture
+    def client(self, session: DeviceSession) -> Client:
+        return session.client
 
     async def read32(self, client: Client, offset: int) -> int:
         return int.from_bytes(await client.region_read(0, offset, 4), "little")
@@ -123,34 +132,34 @@ class TestEdu:
         assert await client.region_read(0, 0x10, 4) == b"\xff" * 4
         assert (await client.get_region_info(0))[0].size == 1 << 20
 
-    async def test_factorial_with_interrupt(self, client: Client, device: edu.Edu) -> None:
-        fd = os.eventfd(0, os.EFD_NONBLOCK)
-        await client.set_irqs(0, TRIGGER_EVENTFD, 0, 1, fds=[fd])
+    async def test_factorial_with_interrupt(
+        self, session: DeviceSession, client: Client, device: edu.Edu
+    ) -> None:
+        intx = await session.interrupt(IrqIndex.INTX)
         await self.write32(client, edu.STATUS, edu.STATUS_IRQ_ON_FACTORIAL)
         await self.write32(client, edu.FACTORIAL, 10)
         await until(lambda: not device.status & edu.STATUS_COMPUTING)
         assert await self.read32(client, edu.FACTORIAL) == 3628800
         assert await self.read32(client, edu.IRQ_STATUS) == edu.FACTORIAL_IRQ
-        assert counter(fd) == 1
+        assert await intx.wait() == 1
         await self.write32(client, edu.IRQ_ACK, edu.FACTORIAL_IRQ)
         assert await self.read32(client, edu.IRQ_STATUS) == 0
         assert not device.irqs.intx.level
         await self.write32(client, edu.FACTORIAL, 13)
         await until(lambda: not device.status & edu.STATUS_COMPUTING)
         assert await self.read32(client, edu.FACTORIAL) == 6227020800 & 0xFFFFFFFF
-        os.close(fd)
 
-    async def test_raise_and_acknowledge_with_msi(self, client: Client, device: edu.Edu) -> None:
-        fd = os.eventfd(0, os.EFD_NONBLOCK)
+    async def test_raise_and_acknowledge_with_msi(
+        self, session: DeviceSession, client: Client, device: edu.Edu
+    ) -> None:
         control = device.config.offset_of(device.msi) + 2
         await client.region_write(7, control, b"\x01\x00")
-        await client.set_irqs(1, TRIGGER_EVENTFD, 0, 1, fds=[fd])
+        msi = await session.interrupt(IrqIndex.MSI)
         await self.write32(client, edu.IRQ_RAISE, 0x30)
-        assert counter(fd) == 1
+        assert await msi.wait() == 1
         assert await self.read32(client, edu.IRQ_STATUS) == 0x30
         await self.write32(client, edu.IRQ_ACK, 0x10)
         assert await self.read32(client, edu.IRQ_STATUS) == 0x20
-        os.close(fd)
 
     @pytest.mark.parametrize("shared", [True, False], ids=["memfd", "messages"])
     async def test_dma_both_directions(

@@ -117,3 +117,19 @@ def test_impossible_bars_fail_at_declaration(kwargs: dict[str, int], match: str)
 def test_impossible_bar_layouts(bars: dict[int, Bar], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         PciDevice(vendor_id=1, device_id=1, bars=bars)
+
+
+@pytest.mark.parametrize(
+    ("identity", "match"),
+    [
+        ({"vendor_id": 0x10000}, "vendor_id 0x10000 does not fit in 16 bits"),
+        ({"device_id": -1}, "device_id -0x1 does not fit in 16 bits"),
+        ({"revision": 0x100}, "revision 0x100 does not fit in 8 bits"),
+        ({"class_code": 1 << 24}, "class_code 0x1000000 does not fit in 24 bits"),
+        ({"subsystem_id": 0x12345}, "subsystem_id"),
+    ],
+)
+def test_identity_out_of_range_names_the_field(identity: dict[str, int], match: str) -> None:
+    fields = {"vendor_id": 1, "device_id": 1} | identity
+    with pytest.raises(ValueError, match=match):
+        PciDevice(**fields)
