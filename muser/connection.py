@@ -90,6 +90,9 @@ MESSAGE_OVERHEAD = 32
 MAX_QUEUED_BYTES = 8 * 1024 * 1024
 """Above this much queued payload we stop reading from the client until it drains."""
 MAX_QUEUED_FRAMES = 1024
+SHUTDOWN_GRACE = 5.0
+"""Seconds a graceful close waits for the command in progress and its replies to
+go out; then the connection is cut, so a stalled client cannot hold shutdown."""
 
 _SPEC_DEFAULTS = {
     "max_data_xfer_size": DEFAULT_MAX_DATA_XFER_SIZE,
@@ -159,6 +162,7 @@ class ServerConnection(Endpoint):
         self._busy = False
         self._closing = False
         self._shutting_down = False
+        self._cut_off: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._messenger: DmaMessenger | None = None
         self._handler_task: asyncio.Task[None] | None = None
@@ -364,9 +368,18 @@ class ServerConnection(Endpoint):
         self._drop_queue()
         if not self._busy:
             self.transport.close_when_sent()
+        self._cut_off = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE, self._cut)
+
+    def _cut(self) -> None:
+        """The grace period is over: stop whatever is still running and close."""
+        if self._task is not None:
+            self._task.cancel()
+        self.transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
+        if self._cut_off is not None:
+            self._cut_off.cancel()
         self._drop_queue()
         asyncio.get_running_loop().create_task(self._tell_device())
 

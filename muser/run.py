@@ -105,6 +105,9 @@ def inherited_socket(fd: int) -> socket.socket:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
         raise SystemExit(f"--fd {fd}: not a socket: {exc.strerror}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.close()
+        raise SystemExit(f"--fd {fd}: not a UNIX stream socket")
     sock.set_inheritable(False)
     return sock
 

@@ -145,6 +145,8 @@ class Server:
         self.log: Any = structlog.get_logger("muser").bind(socket=self.path, device=device.name)
         self._given = sock
         """The caller's socket, until serving starts (or close, if it never does)."""
+        self._binds_path = sock is None
+        """Only a server given a path binds one; a given socket is served once."""
         self._serving = False
         self._listener: socket.socket | None = None
         self._identity: tuple[int, int] | None = None
@@ -159,7 +161,7 @@ class Server:
 
     async def start_serving(self) -> None:
         """Start serving on the running loop and return at once."""
-        if self._serving:
+        if self._serving or (not self._binds_path and self._closed is not None):
             return
         self._closed = asyncio.Event()
         given, self._given = self._given, None
@@ -226,7 +228,9 @@ class Server:
         session.add_done_callback(self._sessions.discard)
 
     def _connect(self, sock: socket.socket) -> ServerConnection | None:
+        recorder: WireRecorder | None = None
         try:
+            recorder = None if self.trace is None else self._open_trace(self.trace)
             return ServerConnection(
                 sock,
                 self.device,
@@ -234,9 +238,11 @@ class Server:
                 dma_layout=self.dma_layout,
                 logger=self.log,
                 handler_timeout=self.handler_timeout,
-                recorder=None if self.trace is None else self._open_trace(self.trace),
+                recorder=recorder,
             )
         except Exception as exc:
+            if recorder is not None:
+                recorder.close()
             self.log.exception("could not set up a client connection", exc_info=exc)
             return None
 

@@ -79,7 +79,10 @@ class Interrupt:
         return signals
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Release the eventfd; safe to call again (teardown calls it too)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class DeviceSession:

@@ -26,10 +26,13 @@ import os
 import socket
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+import structlog
 
 from muser.device import PciDevice
 from muser.endpoint import command_name
@@ -57,7 +60,8 @@ class WireTrace:
     several sessions can share a file; each is labelled `session`)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.session = f"{os.getpid()}-{next(_sessions)}"
+        self.session = f"{uuid.uuid4().hex[:12]}-{next(_sessions)}"
+        """Unique across processes, so runs appending to one file stay apart."""
         self._file: IO[str] | None = open(path, "a", encoding="ascii")  # noqa: SIM115
 
     def received(self, frame: Frame) -> None:
@@ -70,13 +74,19 @@ class WireTrace:
         if self._file is None:
             return
         record = Record(direction, message, nfds, self.session)
-        self._file.write(json.dumps(record.to_json()) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record.to_json()) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            # A full disk ends the trace, never the session it was recording.
+            structlog.get_logger("muser").error("wire trace stopped", error=exc.strerror)
+            self.close()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
 
 
 @dataclass(frozen=True)
@@ -150,8 +160,12 @@ def stand_in_fds(record: Record) -> list[int]:
     if record.command == Command.DMA_MAP:
         request = DmaMap.parse(record.data[HEADER_SIZE:])
         fds = [os.memfd_create("trace-guest-ram") for _ in range(record.nfds)]
-        for fd in fds:
-            os.ftruncate(fd, request.offset + request.size)
+        try:
+            for fd in fds:
+                os.ftruncate(fd, request.offset + request.size)
+        except OSError:
+            close_fds(fds)
+            raise
         return fds
     return [os.eventfd(0) for _ in range(record.nfds)]
 

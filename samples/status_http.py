@@ -82,7 +82,11 @@ class StatusService:
 
     async def start(self) -> None:
         await self.server.start_serving()
-        self._http = await asyncio.start_server(self._answer, self.host, self.port)
+        try:
+            self._http = await asyncio.start_server(self._answer, self.host, self.port)
+        except BaseException:
+            await self.close()  # the port is taken: don't leave the device serving
+            raise
         self.port = self._http.sockets[0].getsockname()[1]
 
     async def close(self) -> None:

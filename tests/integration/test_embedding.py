@@ -4,6 +4,7 @@ a graceful stop, and the status_http sample."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from muser import Bar, Client, PciDevice, ResetReason, Server
+from muser import Bar, Client, PciDevice, ResetReason, Server, connection
+from muser.wire.constants import Command
+from muser.wire.messages import RegionAccess
 from muser_samples import gpio, null
 from muser_samples.status_http import StatusService
-from tests.helpers import TIMEOUT, RecordingDevice, open_fds
+from tests.helpers import TIMEOUT, RawPeer, RecordingDevice, message, open_fds
 
 ROOT = Path(__file__).resolve().parents[2]
 one_loop = pytest.mark.asyncio(loop_factories=["asyncio"])
@@ -59,6 +62,8 @@ async def test_serves_a_connected_socket_until_its_client_leaves(
         assert server.is_serving()
         assert server.path == ""
     await asyncio.wait_for(serving, TIMEOUT)
+    assert not server.is_serving()
+    await asyncio.wait_for(server.serve_forever(), TIMEOUT)  # served once: done at once
     assert not server.is_serving()
     assert device.memory[:4] == b"pair"
     assert device.resets == [ResetReason.LOST_CONNECTION]
@@ -134,6 +139,26 @@ async def test_close_answers_the_request_in_flight_then_drops_the_client(
     assert open_fds() == before
 
 
+async def test_a_client_that_stops_reading_cannot_hold_a_graceful_close(
+    device: RecordingDevice, sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "SHUTDOWN_GRACE", 0.3)
+    before = open_fds()
+    server = Server(device, sock_path)
+    await server.start_serving()
+    peer = await RawPeer.connect(sock_path)
+    await peer.negotiate()
+    read = RegionAccess(0, 0, 4096).build()
+    flood = b"".join(message(msg_id, Command.REGION_READ, read) for msg_id in range(1, 3000))
+    with contextlib.suppress(TimeoutError):  # replies pile up: we never read them
+        await asyncio.wait_for(peer.send_all(flood), 0.3)
+    server.close()
+    await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+    assert device.resets == [ResetReason.LOST_CONNECTION]
+    peer.close()
+    assert open_fds() == before
+
+
 async def start_with_fd(sock: socket.socket, device: str) -> asyncio.subprocess.Process:
     """`python -m muser.run DEVICE --fd N` with `sock` inherited as fd N."""
     return await asyncio.create_subprocess_exec(
@@ -169,6 +194,16 @@ async def test_run_serves_an_inherited_connection_and_exits_when_it_ends() -> No
     _, stderr = await asyncio.wait_for(process.communicate(), 10)
     assert process.returncode == 0, stderr.decode()
     assert "serving its connected client" in stderr.decode()
+
+
+@one_loop
+async def test_run_refuses_an_inherited_fd_that_is_not_a_unix_stream_socket() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        process = await start_with_fd(tcp, "null")
+    _, stderr = await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode == 1
+    assert "not a UNIX stream socket" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
 
 
 async def get_status(port: int) -> dict[str, object]:

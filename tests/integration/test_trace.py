@@ -104,3 +104,14 @@ async def test_the_command_line_replays_and_fails_on_a_difference(trace: Path) -
     assert other.returncode == 1
     assert "VFIO_USER_REGION_READ" in other.stdout
     assert "differences in 10 replies" in other.stderr
+
+
+async def test_a_trace_that_cannot_be_written_stops_but_the_session_goes_on(
+    sock_path: str,
+) -> None:
+    """/dev/full fails every write, as a full disk would."""
+    async with Server(gpio.create(), sock_path, trace="/dev/full"):
+        async with await Client.connect(sock_path) as client:
+            assert (await client.get_device_info()).num_regions == 9
+        async with await Client.connect(sock_path) as client:
+            await client.region_read(7, 0, 4)
