@@ -1,4 +1,5 @@
-"""What every benchmark script shares: its loops, machine facts, percentiles, arguments.
+"""What every benchmark script shares: its loops, machine facts, percentiles, arguments,
+the per-loop runner, and the round-trip timing and echo baseline of the read scripts.
 
 The scripts run as `python benchmarks/<name>.py`, so this directory is first on
 sys.path and they import it as `common`.
@@ -9,13 +10,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
+import json
+import logging
 import math
 import os
 import platform
+import socket
+import statistics
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import structlog
 import uvloop
 
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -43,6 +52,18 @@ def percentile(ordered: Sequence[int], percent: float) -> int:
     return ordered[max(1, math.ceil(len(ordered) * percent / 100)) - 1]
 
 
+def print_machine(machine: dict[str, Any], loop_classes: dict[str, str]) -> None:
+    """The lines every script's table starts with: where and on what it ran."""
+    pinned = machine["pinned_cpu"]
+    print(
+        f"machine: {machine['cpu_count']} CPUs, {machine['cpus_usable']} usable, "
+        f"{'pinned to CPU ' + str(pinned) if pinned is not None else 'not pinned'}; "
+        f"{machine['implementation']} {machine['python']}; uvloop {machine['uvloop']}"
+    )
+    print(f"platform: {machine['platform']}")
+    print("loops: " + ", ".join(f"{name} = {loop}" for name, loop in loop_classes.items()))
+
+
 def add_common_arguments(
     parser: argparse.ArgumentParser,
     quick_help: str = QUICK_HELP,
@@ -65,3 +86,128 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error(f"unknown loops: {', '.join(sorted(unknown))}")
     if args.pin is not None and args.pin not in os.sched_getaffinity(0):
         parser.error(f"CPU {args.pin} is not one this process may run on")
+
+
+def run_per_loop(
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+    bench_loop: Callable[..., Awaitable[dict[str, Any]]],
+    print_table: Callable[[dict[str, Any]], None],
+) -> None:
+    """Run `bench_loop(directory, **settings)` on each chosen loop (pinned if asked)
+    and print the report as JSON or as the script's table."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    machine = machine_facts(args.pin)
+    if args.pin is not None:
+        os.sched_setaffinity(0, {args.pin})
+    started = time.perf_counter()
+    loops: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="muser-bench-") as directory:
+        for name in args.loops:
+            with asyncio.Runner(loop_factory=LOOP_FACTORIES[name]) as runner:
+                loops[name] = runner.run(bench_loop(directory, **settings))
+    report = {
+        "machine": machine,
+        "settings": settings,
+        "loops": loops,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+
+
+RoundTrip = Callable[[], Awaitable[object]]
+
+REQUEST_SIZE = 32
+"""A REGION_READ request: 16-byte header, offset/region/count."""
+ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 16)
+"""Room for 16 fds, as a vfio-user endpoint must offer on every receive."""
+
+
+@dataclass
+class Result:
+    """One round-trip benchmark on one loop."""
+
+    round_trips_per_s: float
+    """The median across repetitions."""
+    per_repetition: list[float]
+    spread: float
+    """(max - min) / median of the repetitions' round trips/s."""
+    p50_us: float
+    p99_us: float
+
+
+class Series:
+    """Round-trip timings gathered repetition by repetition."""
+
+    def __init__(self, round_trip: RoundTrip) -> None:
+        self.round_trip = round_trip
+        self.rates: list[float] = []
+        self.latencies_ns: list[int] = []
+
+    async def run(self, count: int) -> None:
+        """Time `count` sequential round trips, each on its own and all together."""
+        clock = time.perf_counter_ns
+        round_trip = self.round_trip
+        latencies = [0] * count
+        start = clock()
+        for i in range(count):
+            before = clock()
+            await round_trip()
+            latencies[i] = clock() - before
+        elapsed = clock() - start
+        self.rates.append(count * 1e9 / elapsed)
+        self.latencies_ns.extend(latencies)
+
+    def result(self) -> Result:
+        ordered = sorted(self.latencies_ns)
+        median = statistics.median(self.rates)
+        return Result(
+            round_trips_per_s=median,
+            per_repetition=self.rates,
+            spread=(max(self.rates) - min(self.rates)) / median,
+            p50_us=percentile(ordered, 50) / 1000,
+            p99_us=percentile(ordered, 99) / 1000,
+        )
+
+
+class EchoBaseline:
+    """Both ends of a socketpair on one loop, driven by `add_reader` + `recvmsg` /
+    `sendmsg`: a 32-byte request, a `reply_size` answer. The floor a perfect
+    framework could reach for a REGION_READ on that loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reply_size: int) -> None:
+        self._loop = loop
+        self._client, self._server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._client.setblocking(False)
+        self._server.setblocking(False)
+        self._request = bytes(REQUEST_SIZE)
+        self._reply = bytes(reply_size)
+        self._waiter: asyncio.Future[bytes] = loop.create_future()
+        loop.add_reader(self._server.fileno(), self._serve)
+        loop.add_reader(self._client.fileno(), self._answered)
+
+    def _serve(self) -> None:
+        self._server.recvmsg(REQUEST_SIZE, ANCILLARY_SIZE)
+        self._server.sendmsg([self._reply])
+
+    def _answered(self) -> None:
+        size = len(self._reply)
+        data, _ancillary, _flags, _address = self._client.recvmsg(size, ANCILLARY_SIZE)
+        if len(data) == size:
+            self._waiter.set_result(data)
+        else:
+            self._waiter.set_exception(RuntimeError(f"short reply of {len(data)} bytes"))
+
+    async def round_trip(self) -> bytes:
+        self._waiter = self._loop.create_future()
+        self._client.sendmsg([self._request])
+        return await self._waiter
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._client.fileno())
+        self._loop.remove_reader(self._server.fileno())
+        self._client.close()
+        self._server.close()

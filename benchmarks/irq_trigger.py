@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import logging
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import structlog
-from common import LOOP_FACTORIES, add_common_arguments, check_common_arguments, machine_facts
+from common import (
+    add_common_arguments,
+    check_common_arguments,
+    print_machine,
+    run_per_loop,
+)
 
 import muser
 from muser.device.irq import Delivery, Irq
@@ -214,16 +215,7 @@ async def bench_loop(
 
 def print_table(report: dict[str, Any]) -> None:
     machine, settings = report["machine"], report["settings"]
-    pinned = machine["pinned_cpu"]
-    print(
-        f"machine: {machine['cpu_count']} CPUs, {machine['cpus_usable']} usable, "
-        f"{'pinned to CPU ' + str(pinned) if pinned is not None else 'not pinned'}; "
-        f"{machine['implementation']} {machine['python']}; uvloop {machine['uvloop']}"
-    )
-    print(f"platform: {machine['platform']}")
-    print(
-        "loops: " + ", ".join(f"{name} = {loop['loop']}" for name, loop in report["loops"].items())
-    )
+    print_machine(machine, {name: loop["loop"] for name, loop in report["loops"].items()})
     print(
         f"settings: warm-up {settings['warm_up']}, then {settings['repetitions']} x "
         f"{settings['triggers']} triggers per benchmark, interleaved; every one counted "
@@ -263,31 +255,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     settings = (
         QUICK
         if args.quick
         else {"triggers": args.triggers, "repetitions": args.repetitions, "warm_up": WARM_UP}
     )
-    machine = machine_facts(args.pin)
-    if args.pin is not None:
-        os.sched_setaffinity(0, {args.pin})
-    started = time.perf_counter()
-    loops: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="muser-bench-") as directory:
-        for name in args.loops:
-            with asyncio.Runner(loop_factory=LOOP_FACTORIES[name]) as runner:
-                loops[name] = runner.run(bench_loop(directory, **settings))
-    report = {
-        "machine": machine,
-        "settings": settings,
-        "loops": loops,
-        "elapsed_s": time.perf_counter() - started,
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
+    run_per_loop(args, settings, bench_loop, print_table)
 
 
 if __name__ == "__main__":

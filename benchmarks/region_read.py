@@ -24,124 +24,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import json
-import logging
 import os
-import socket
-import statistics
-import tempfile
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
-import structlog
 from common import (
-    LOOP_FACTORIES,
+    EchoBaseline,
+    Series,
     add_common_arguments,
     check_common_arguments,
-    machine_facts,
-    percentile,
+    print_machine,
+    run_per_loop,
 )
 
 import muser
 
 BAR_SIZE = 4096
 READ_SIZE = 4
-REQUEST_SIZE = 32
-"""A REGION_READ request: 16-byte header, offset/region/count."""
 REPLY_SIZE = 36
-"""Its reply: 16-byte header, offset/region/count, then the data."""
-ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 16)
-"""Room for 16 fds, as a vfio-user endpoint must offer on every receive."""
+"""A REGION_READ reply: 16-byte header, offset/region/count, then the data."""
 WARM_UP = 2000
 QUICK = {"round_trips": 500, "repetitions": 2, "warm_up": 200}
-
-RoundTrip = Callable[[], Awaitable[object]]
-
-
-@dataclass
-class Result:
-    """One benchmark on one loop."""
-
-    round_trips_per_s: float
-    """The median across repetitions."""
-    per_repetition: list[float]
-    spread: float
-    """(max - min) / median of the repetitions' round trips/s."""
-    p50_us: float
-    p99_us: float
-
-
-class Series:
-    """Timings gathered repetition by repetition."""
-
-    def __init__(self, round_trip: RoundTrip) -> None:
-        self.round_trip = round_trip
-        self.rates: list[float] = []
-        self.latencies_ns: list[int] = []
-
-    async def run(self, count: int) -> None:
-        """Time `count` sequential round trips, each on its own and all together."""
-        clock = time.perf_counter_ns
-        round_trip = self.round_trip
-        latencies = [0] * count
-        start = clock()
-        for i in range(count):
-            before = clock()
-            await round_trip()
-            latencies[i] = clock() - before
-        elapsed = clock() - start
-        self.rates.append(count * 1e9 / elapsed)
-        self.latencies_ns.extend(latencies)
-
-    def result(self) -> Result:
-        ordered = sorted(self.latencies_ns)
-        median = statistics.median(self.rates)
-        return Result(
-            round_trips_per_s=median,
-            per_repetition=self.rates,
-            spread=(max(self.rates) - min(self.rates)) / median,
-            p50_us=percentile(ordered, 50) / 1000,
-            p99_us=percentile(ordered, 99) / 1000,
-        )
-
-
-class EchoBaseline:
-    """Both ends of a socketpair on one loop: a 32-byte request, a 36-byte answer."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._client, self._server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._client.setblocking(False)
-        self._server.setblocking(False)
-        self._request = bytes(REQUEST_SIZE)
-        self._reply = bytes(REPLY_SIZE)
-        self._waiter: asyncio.Future[bytes] = loop.create_future()
-        loop.add_reader(self._server.fileno(), self._serve)
-        loop.add_reader(self._client.fileno(), self._answered)
-
-    def _serve(self) -> None:
-        self._server.recvmsg(REQUEST_SIZE, ANCILLARY_SIZE)
-        self._server.sendmsg([self._reply])
-
-    def _answered(self) -> None:
-        data, _ancillary, _flags, _address = self._client.recvmsg(REPLY_SIZE, ANCILLARY_SIZE)
-        if len(data) == REPLY_SIZE:
-            self._waiter.set_result(data)
-        else:
-            self._waiter.set_exception(RuntimeError(f"short reply of {len(data)} bytes"))
-
-    async def round_trip(self) -> bytes:
-        self._waiter = self._loop.create_future()
-        self._client.sendmsg([self._request])
-        return await self._waiter
-
-    def close(self) -> None:
-        self._loop.remove_reader(self._client.fileno())
-        self._loop.remove_reader(self._server.fileno())
-        self._client.close()
-        self._server.close()
 
 
 def memory_device() -> tuple[muser.PciDevice, bytearray]:
@@ -164,7 +67,7 @@ async def bench_loop(
     loop = asyncio.get_running_loop()
     device, memory = memory_device()
     path = os.path.join(directory, f"{type(loop).__name__}.sock")
-    baseline = EchoBaseline(loop)
+    baseline = EchoBaseline(loop, REPLY_SIZE)
     try:
         async with muser.Server(device, path), await muser.Client.connect(path) as client:
             read = functools.partial(client.region_read, 0, 0, READ_SIZE)
@@ -189,16 +92,7 @@ async def bench_loop(
 
 def print_table(report: dict[str, Any]) -> None:
     machine, settings = report["machine"], report["settings"]
-    pinned = machine["pinned_cpu"]
-    print(
-        f"machine: {machine['cpu_count']} CPUs, {machine['cpus_usable']} usable, "
-        f"{'pinned to CPU ' + str(pinned) if pinned is not None else 'not pinned'}; "
-        f"{machine['implementation']} {machine['python']}; uvloop {machine['uvloop']}"
-    )
-    print(f"platform: {machine['platform']}")
-    print(
-        "loops: " + ", ".join(f"{name} = {loop['loop']}" for name, loop in report["loops"].items())
-    )
+    print_machine(machine, {name: loop["loop"] for name, loop in report["loops"].items()})
     print(
         f"settings: warm-up {settings['warm_up']}, then {settings['repetitions']} x "
         f"{settings['round_trips']} round trips per benchmark, interleaved; "
@@ -237,7 +131,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     settings = (
         QUICK
         if args.quick
@@ -247,25 +140,7 @@ def main() -> None:
             "warm_up": WARM_UP,
         }
     )
-    machine = machine_facts(args.pin)
-    if args.pin is not None:
-        os.sched_setaffinity(0, {args.pin})
-    started = time.perf_counter()
-    loops: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="muser-bench-") as directory:
-        for name in args.loops:
-            with asyncio.Runner(loop_factory=LOOP_FACTORIES[name]) as runner:
-                loops[name] = runner.run(bench_loop(directory, **settings))
-    report = {
-        "machine": machine,
-        "settings": settings,
-        "loops": loops,
-        "elapsed_s": time.perf_counter() - started,
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
+    run_per_loop(args, settings, bench_loop, print_table)
 
 
 if __name__ == "__main__":

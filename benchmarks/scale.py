@@ -76,6 +76,7 @@ from common import (
     check_common_arguments,
     machine_facts,
     percentile,
+    print_machine,
 )
 
 import muser
@@ -439,16 +440,7 @@ def raise_fd_limit(needed: int) -> dict[str, int]:
 
 def print_table(report: dict[str, Any]) -> None:
     machine, settings, limits = report["machine"], report["settings"], report["fd_limits"]
-    pinned = machine["pinned_cpu"]
-    print(
-        f"machine: {machine['cpu_count']} CPUs, {machine['cpus_usable']} usable, "
-        f"{'pinned to CPU ' + str(pinned) if pinned is not None else 'not pinned'}; "
-        f"{machine['implementation']} {machine['python']}; uvloop {machine['uvloop']}"
-    )
-    print(f"platform: {machine['platform']}")
-    print(
-        "loops: " + ", ".join(f"{name} = {loop}" for name, loop in report["loop_classes"].items())
-    )
+    print_machine(machine, report["loop_classes"])
     print(
         f"fds: {limits['fds_needed']} needed; soft limit {limits['fd_limit']} "
         f"(was {limits['fd_limit_before']}), hard limit {limits['fd_limit_hard']}"
