@@ -27,6 +27,10 @@ from typing import Any
 import structlog
 import uvloop
 
+from muser.wire import encode_header
+from muser.wire.constants import ERROR_BIT, HEADER_SIZE, PROTOCOL_MAJOR, PROTOCOL_MINOR, Command
+from muser.wire.messages import HEADER_CODEC, RegionAccess, Version
+
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
@@ -173,29 +177,25 @@ class Series:
         )
 
 
-class EchoBaseline:
-    """Both ends of a socketpair on one loop, driven by `add_reader` + `recvmsg` /
-    `sendmsg`: a 32-byte request, a `reply_size` answer. The floor a perfect
-    framework could reach for a REGION_READ on that loop."""
+class RawRequester:
+    """A client without any framework: one socket driven by `add_reader` + `recvmsg`
+    that sends the same request bytes each round trip and waits for `reply_size`
+    bytes. The echo baseline and muser's server are both timed through it, so that
+    the two differ only in what answers."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, reply_size: int) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, request: bytes, reply_size: int
+    ) -> None:
         self._loop = loop
-        self._client, self._server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._client.setblocking(False)
-        self._server.setblocking(False)
-        self._request = bytes(REQUEST_SIZE)
-        self._reply = bytes(reply_size)
+        self._sock = sock
+        self._request = request
+        self._reply_size = reply_size
         self._waiter: asyncio.Future[bytes] = loop.create_future()
-        loop.add_reader(self._server.fileno(), self._serve)
-        loop.add_reader(self._client.fileno(), self._answered)
-
-    def _serve(self) -> None:
-        self._server.recvmsg(REQUEST_SIZE, ANCILLARY_SIZE)
-        self._server.sendmsg([self._reply])
+        loop.add_reader(sock.fileno(), self._answered)
 
     def _answered(self) -> None:
-        size = len(self._reply)
-        data, _ancillary, _flags, _address = self._client.recvmsg(size, ANCILLARY_SIZE)
+        size = self._reply_size
+        data, _ancillary, _flags, _address = self._sock.recvmsg(size, ANCILLARY_SIZE)
         if len(data) == size:
             self._waiter.set_result(data)
         else:
@@ -203,11 +203,61 @@ class EchoBaseline:
 
     async def round_trip(self) -> bytes:
         self._waiter = self._loop.create_future()
-        self._client.sendmsg([self._request])
+        self._sock.sendmsg([self._request])
         return await self._waiter
 
     def close(self) -> None:
-        self._loop.remove_reader(self._client.fileno())
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
+class EchoBaseline:
+    """Both ends of a socketpair on one loop: a `RawRequester` sending 32 bytes, and
+    an `add_reader` + `recvmsg`/`sendmsg` echo answering `reply_size` bytes. The
+    floor a perfect framework could reach for a REGION_READ on that loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reply_size: int) -> None:
+        self._loop = loop
+        client, self._server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setblocking(False)
+        self._server.setblocking(False)
+        self._reply = bytes(reply_size)
+        self._requester = RawRequester(loop, client, bytes(REQUEST_SIZE), reply_size)
+        self.round_trip = self._requester.round_trip
+        loop.add_reader(self._server.fileno(), self._serve)
+
+    def _serve(self) -> None:
+        self._server.recvmsg(REQUEST_SIZE, ANCILLARY_SIZE)
+        self._server.sendmsg([self._reply])
+
+    def close(self) -> None:
+        self._requester.close()
         self._loop.remove_reader(self._server.fileno())
-        self._client.close()
         self._server.close()
+
+
+async def raw_session(path: str) -> socket.socket:
+    """A connected socket on which VERSION has been negotiated by hand, for a
+    `RawRequester` to drive muser's server with prebuilt messages."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, path)
+    payload = Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, b"{}\0").build()
+    await loop.sock_sendall(sock, encode_header(0, Command.VERSION, len(payload), 0) + payload)
+    header = await loop.sock_recv(sock, HEADER_SIZE)
+    if len(header) != HEADER_SIZE:
+        raise RuntimeError("the server closed instead of answering VERSION")
+    _msg_id, _command, size, flags, error = HEADER_CODEC.unpack(header)
+    if flags & ERROR_BIT:
+        raise RuntimeError(f"VERSION refused: errno {error}")
+    remaining = size - HEADER_SIZE
+    while remaining:
+        remaining -= len(await loop.sock_recv(sock, remaining))
+    return sock
+
+
+def region_read_request(region: int, offset: int, count: int) -> bytes:
+    """A whole REGION_READ message, built once and sent as it is on every round trip."""
+    payload = RegionAccess(offset, region, count).build()
+    return encode_header(0, Command.REGION_READ, len(payload), 0) + payload

@@ -1,18 +1,23 @@
 """REGION_READ round trips through muser, against a raw socket echo on the same loop.
 
-On each event loop (asyncio, uvloop) this measures, in one process:
+On each event loop (asyncio, uvloop) this measures, in one process, sequential
+`REGION_READ`s of 4 bytes, one outstanding at a time, against a `muser.Server` on a
+UNIX socket whose device has a 4 KiB memory BAR0 with a plain (non-async) read
+handler, and the floor they are held against:
 
-- muser: a `muser.Client` doing sequential `region_read(0, 0, 4)` calls, one
-  outstanding at a time, against a `muser.Server` on a UNIX socket whose device
-  has a 4 KiB memory BAR0 with a plain (non-async) read handler;
-- baseline: the same traffic shape without any framework, a socketpair whose
-  ends are driven by `loop.add_reader` + `recvmsg`/`sendmsg`, moving the same
-  byte counts (a 32-byte request, a 36-byte reply). It is the floor: what a
-  perfect framework could reach on that loop.
+- baseline: no framework at all, a socketpair whose ends are driven by
+  `loop.add_reader` + `recvmsg`/`sendmsg`: a raw client sends 32 bytes, a raw
+  echo answers 36, the sizes of a REGION_READ and its reply;
+- muser: the same raw client, now sending a real REGION_READ message (built once)
+  over a negotiated connection to muser's server. It differs from the baseline
+  only in what answers, so muser/baseline is the cost of the server;
+- muser_client: `muser.Client.region_read` against a second such server (a server
+  takes one client at a time), what a Python test or tool driving a device pays
+  end to end (client/baseline).
 
-Both run on the same loop, their repetitions interleaved so that noise on a
-shared machine hits both alike. Reported: the median round trips/s across
-repetitions, p50/p99 latency over every round trip timed, and muser/baseline.
+All run on the same loop, their repetitions interleaved so that noise on a
+shared machine hits them alike. Reported: the median round trips/s across
+repetitions, p50/p99 latency over every round trip timed, and the ratios.
 
     python benchmarks/region_read.py            # 5 x 20000 round trips per loop
     python benchmarks/region_read.py --quick    # smoke test, a second or two
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import os
 from dataclasses import asdict
@@ -30,10 +36,13 @@ from typing import Any
 
 from common import (
     EchoBaseline,
+    RawRequester,
     Series,
     add_common_arguments,
     check_common_arguments,
     print_machine,
+    raw_session,
+    region_read_request,
     run_per_loop,
 )
 
@@ -63,30 +72,44 @@ def memory_device() -> tuple[muser.PciDevice, bytearray]:
 async def bench_loop(
     directory: str, round_trips: int, repetitions: int, warm_up: int
 ) -> dict[str, Any]:
-    """Both benchmarks on the running loop, their repetitions interleaved."""
+    """The three benchmarks on the running loop, their repetitions interleaved."""
     loop = asyncio.get_running_loop()
     device, memory = memory_device()
+    twin, _memory = memory_device()
     path = os.path.join(directory, f"{type(loop).__name__}.sock")
-    baseline = EchoBaseline(loop, REPLY_SIZE)
-    try:
-        async with muser.Server(device, path), await muser.Client.connect(path) as client:
-            read = functools.partial(client.region_read, 0, 0, READ_SIZE)
-            if await read() != memory[:READ_SIZE]:
-                raise RuntimeError("muser returned the wrong bytes")
-            series = {"baseline": Series(baseline.round_trip), "muser": Series(read)}
+    twin_path = os.path.join(directory, f"{type(loop).__name__}-client.sock")
+    async with contextlib.AsyncExitStack() as stack:
+        baseline = EchoBaseline(loop, REPLY_SIZE)
+        stack.callback(baseline.close)
+        await stack.enter_async_context(muser.Server(device, path))
+        await stack.enter_async_context(muser.Server(twin, twin_path))
+        client = await stack.enter_async_context(await muser.Client.connect(twin_path))
+        raw = RawRequester(
+            loop, await raw_session(path), region_read_request(0, 0, READ_SIZE), REPLY_SIZE
+        )
+        stack.callback(raw.close)
+        read = functools.partial(client.region_read, 0, 0, READ_SIZE)
+        expected = memory[:READ_SIZE]
+        if await read() != expected or (await raw.round_trip())[-READ_SIZE:] != expected:
+            raise RuntimeError("muser returned the wrong bytes")
+        series = {
+            "baseline": Series(baseline.round_trip),
+            "muser": Series(raw.round_trip),
+            "muser_client": Series(read),
+        }
+        for one in series.values():
+            for _ in range(warm_up):
+                await one.round_trip()
+        for _ in range(repetitions):
             for one in series.values():
-                for _ in range(warm_up):
-                    await one.round_trip()
-            for _ in range(repetitions):
-                for one in series.values():
-                    await one.run(round_trips)
-    finally:
-        baseline.close()
+                await one.run(round_trips)
     results = {name: asdict(one.result()) for name, one in series.items()}
+    rate = {name: result["round_trips_per_s"] for name, result in results.items()}
     return {
         "loop": f"{type(loop).__module__}.{type(loop).__qualname__}",
         **results,
-        "ratio": results["muser"]["round_trips_per_s"] / results["baseline"]["round_trips_per_s"],
+        "ratio": rate["muser"] / rate["baseline"],
+        "client_ratio": rate["muser_client"] / rate["baseline"],
     }
 
 
@@ -106,13 +129,14 @@ def print_table(report: dict[str, Any]) -> None:
     print(header)
     print("-" * len(header))
     for name, loop in report["loops"].items():
-        for bench in ("baseline", "muser"):
+        for bench in ("baseline", "muser", "muser_client"):
             result = loop[bench]
             print(
                 f"{name:<8} {bench:<14} {result['round_trips_per_s']:>13,.0f} "
                 f"{result['spread']:>7.1%} {result['p50_us']:>8.1f} {result['p99_us']:>8.1f}"
             )
         print(f"{name:<8} {'muser/baseline':<14} {loop['ratio']:>13.3f}")
+        print(f"{name:<8} {'client/baseline':<14} {loop['client_ratio']:>13.3f}")
     print()
     print(f"total time: {report['elapsed_s']:.1f} s")
 

@@ -34,9 +34,12 @@ from muser.wire.constants import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     DEFAULT_MAX_DMA_MAPS,
     DEFAULT_PGSIZES,
+    FLAGS_COMMAND,
     FLAGS_ERROR_REPLY,
+    FLAGS_POSTED_COMMAND,
     FLAGS_REPLY,
     HEADER_SIZE,
+    NO_REPLY_BIT,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
     Command,
@@ -51,6 +54,8 @@ from muser.wire.constants import (
     RegionFlag,
 )
 from muser.wire.messages import (
+    ACCESS_MESSAGE,
+    HEADER_CODEC,
     DeviceFeature,
     DeviceInfo,
     DmaAccess,
@@ -116,6 +121,17 @@ _KNOWN_FEATURE_BITS = int(
 _UNMAP_FLAGS = int(DmaUnmapFlag.GET_DIRTY_BITMAP | DmaUnmapFlag.UNMAP_ALL)
 
 
+_PLAIN_COMMAND_FLAGS = (FLAGS_COMMAND, FLAGS_POSTED_COMMAND)
+_REGION_READ = int(Command.REGION_READ)
+_REGION_WRITE = int(Command.REGION_WRITE)
+
+
+def _frame_at(data: bytes, position: int, size: int) -> Frame:
+    """The frame of a fast-lane message, for the general path's replies."""
+    msg_id, command, _size, flags, error = HEADER_CODEC.unpack_from(data, position)
+    return Frame(msg_id, command, flags, error, data[position + HEADER_SIZE : position + size])
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """A reply payload that carries file descriptors (still owned by the device)."""
@@ -167,6 +183,9 @@ class ServerConnection(Endpoint):
         self._messenger: DmaMessenger | None = None
         self._handler_task: asyncio.Task[None] | None = None
         """The task running a command handler that awaits, while it does."""
+        self._fast_lane = False
+        """Whether REGION_READ/REGION_WRITE may skip the framer and the queue: once
+        negotiated, unless every message is being logged or traced, until closing."""
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         """Done once the client is gone and the device has been told."""
         self._handlers: dict[int, Handler] = {
@@ -191,6 +210,99 @@ class ServerConnection(Endpoint):
     def negotiated(self) -> bool:
         return self.peer is not None
 
+    # The fast lane
+
+    def data_received(self, data: bytes, fds: list[int]) -> None:
+        """REGION_READ and REGION_WRITE, what a guest's MMIO becomes, are served
+        straight from the received bytes while nothing else is in flight: whole,
+        valid messages without fds, one after another. The first message that needs
+        more (fds, a partial message, another command, anything to refuse) goes with
+        all after it the general way, in order."""
+        if not self._fast_lane or fds or self._busy or self._framer.buffered:
+            super().data_received(data, fds)
+            return
+        position, end = 0, len(data)
+        fixed = ACCESS_MESSAGE.size
+        limit = self._framer.max_message_size
+        max_count = self.max_data_xfer_size
+        device = self.device
+        region_sizes = device.region_sizes
+        send = self.transport.send_message
+        while end - position >= fixed and not self._busy:
+            msg_id, command, size, flags, _error, offset, region, count = (
+                ACCESS_MESSAGE.unpack_from(data, position)
+            )
+            if (
+                size > end - position
+                or size > limit
+                or flags not in _PLAIN_COMMAND_FLAGS
+                or region >= len(region_sizes)
+                or not 0 < count <= max_count
+                or offset + count > region_sizes[region]
+                or self.transport.write_buffer_size > WRITE_HIGH_WATER
+            ):
+                break
+            if command == _REGION_READ and size == fixed:
+                try:
+                    result = device.read_region(region, offset, count)
+                except Exception as exc:
+                    self._reply_error(_frame_at(data, position, size), exc)
+                else:
+                    if type(result) is not bytes or len(result) != count:
+                        request = RegionAccess(offset, region, count)
+                        self._read_result(_frame_at(data, position, size), request, result)
+                    elif not flags & NO_REPLY_BIT:
+                        send(
+                            ACCESS_MESSAGE.pack(
+                                msg_id,
+                                command,
+                                size + count,
+                                FLAGS_REPLY,
+                                0,
+                                offset,
+                                region,
+                                count,
+                            )
+                            + result
+                        )
+            elif command == _REGION_WRITE and size == fixed + count:
+                try:
+                    done = device.write_region(
+                        region, offset, data[position + fixed : position + size]
+                    )
+                except Exception as exc:
+                    self._reply_error(_frame_at(data, position, size), exc)
+                else:
+                    if done is not None:
+                        reply = RegionAccess(offset, region, count)
+                        self._await_handler(
+                            _frame_at(data, position, size), self._after(done, reply)
+                        )
+                    elif not flags & NO_REPLY_BIT:
+                        send(
+                            ACCESS_MESSAGE.pack(
+                                msg_id, command, fixed, FLAGS_REPLY, 0, offset, region, count
+                            )
+                        )
+            else:
+                break
+            position += size
+        if position < end:
+            super().data_received(data[position:] if position else data, fds)
+
+    def _read_result(
+        self, frame: Frame, request: RegionAccess, result: bytes | Awaitable[bytes]
+    ) -> None:
+        """A read handler's result that is not plain bytes of the right size: awaited,
+        or checked and converted, as the general path does."""
+        if inspect.isawaitable(result):
+            self._await_handler(frame, self._read_reply_later(request, result))
+            return
+        try:
+            self._reply(frame, self._read_reply(request, result))
+        except Exception as exc:
+            self._reply_error(frame, exc)
+
     # Queueing, in arrival order
 
     def _command_received(self, frame: Frame) -> None:
@@ -213,6 +325,7 @@ class ServerConnection(Endpoint):
     def _stream_broken(self) -> None:
         """Answer what came before the bad bytes, then close."""
         self._closing = True
+        self._fast_lane = False
         self.transport.pause_reading()
         if not self._busy:
             self._run_queue()
@@ -227,7 +340,7 @@ class ServerConnection(Endpoint):
             self._queued_bytes -= len(frame.payload)
             pending = self._dispatch(frame)
             if pending is not None:
-                self._handler_task = self._continue_after(self._finish(frame, pending))
+                self._await_handler(frame, pending)
                 return
             if self._closing and not self.negotiated:
                 # A failed negotiation ends the session at once; a stream broken after
@@ -239,6 +352,11 @@ class ServerConnection(Endpoint):
             self.transport.close_when_sent()
         else:
             self.transport.resume_reading()
+
+    def _await_handler(self, frame: Frame, pending: Awaitable[Outcome]) -> None:
+        """Hold the queue while a handler awaits; answer it and go on when it is done."""
+        self._busy = True
+        self._handler_task = self._continue_after(self._finish(frame, pending))
 
     def _continue_after(self, awaitable: Awaitable[None]) -> asyncio.Task[None]:
         async def run() -> None:
@@ -365,6 +483,7 @@ class ServerConnection(Endpoint):
         replies to DMA it requests still arrive), commands not yet started are
         dropped, and the connection closes once its replies are sent."""
         self._shutting_down = True
+        self._fast_lane = False
         self._drop_queue()
         if not self._busy:
             self.transport.close_when_sent()
@@ -411,6 +530,7 @@ class ServerConnection(Endpoint):
             raise ProtocolError(f"protocol major version {request.major} is not supported")
         self.peer = parse_capabilities(request.capabilities)
         self._closing = False
+        self._fast_lane = not self._debug and self._recorder is None
         self.log.info(
             "negotiated",
             client_version=f"{request.major}.{request.minor}",

@@ -25,6 +25,7 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024
 WRITE_LOW_WATER = 1024 * 1024
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 """A plain int: socket's IntFlag arithmetic costs microseconds per receive."""
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 class _ReceiveBuffer(threading.local):
@@ -88,6 +89,9 @@ class FdTransport:
         self._loop = asyncio.get_running_loop()
         self._protocol = protocol
         self._ancillary_size = socket.CMSG_SPACE(4 * max(max_receive_fds, 1))
+        self._receive_view = _receive_buffer.view
+        """This thread's buffer: the loop's, as the transport is made on it."""
+        self._receive_into = [self._receive_view]
         self._writes: deque[_PendingWrite] = deque()
         self._queued = 0
         self._drained: asyncio.Event | None = None
@@ -123,28 +127,23 @@ class FdTransport:
             self._reading = True
 
     def _on_readable(self) -> None:
-        view = _receive_buffer.view
         try:
             size, ancdata, msg_flags, _ = self._sock.recvmsg_into(
-                [view], self._ancillary_size, socket.MSG_CMSG_CLOEXEC
+                self._receive_into, self._ancillary_size, _MSG_CMSG_CLOEXEC
             )
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._abort(exc)
             return
-        fds = _received_fds(ancdata)
-        if msg_flags & _MSG_CTRUNC:
+        fds = _received_fds(ancdata) if ancdata else []
+        if msg_flags & _MSG_CTRUNC or not size:
             close_fds(fds)
-            self._abort(
-                ProtocolError("more file descriptors than advertised: control data truncated")
-            )
+            truncated = msg_flags & _MSG_CTRUNC
+            message = "more file descriptors than advertised: control data truncated"
+            self._abort(ProtocolError(message) if truncated else None)
             return
-        if size == 0:
-            close_fds(fds)
-            self._abort(None)
-            return
-        self._protocol.data_received(bytes(view[:size]), fds)
+        self._protocol.data_received(bytes(self._receive_view[:size]), fds)
 
     def send(self, buffers: Sequence[bytes], fds: Sequence[int] = ()) -> None:
         """Send one message (its buffers in order) with `fds` attached to its first byte.
@@ -176,6 +175,26 @@ class FdTransport:
             return
         self._writes.append(_PendingWrite(data, [os.dup(fd) for fd in fds]))
         if len(self._writes) == 1:
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def send_message(self, message: bytes) -> None:
+        """`send` of one buffer without fds, for the server's fast lane: a connection
+        that is closed or closing drops it, as a reply to a client that is gone."""
+        if self._closed or self._closing:
+            return
+        if self._writes:
+            self.send((message,))
+            return
+        try:
+            sent = self._sock.send(message)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._abort(exc)
+            return
+        if sent != len(message):
+            self._queued += len(message) - sent
+            self._writes.append(_PendingWrite(bytearray(message[sent:]), []))
             self._loop.add_writer(self._fd, self._on_writable)
 
     def _on_writable(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from enum import Enum
 from types import MappingProxyType
@@ -194,9 +195,11 @@ class PciDevice:
         if msix is not None:
             control = self.config.offset_of(msix) + MsiX.CONTROL
             self.watch_config(control, 2, self.irqs.msix_control_changed)
-        self._region_sizes = tuple(
+        self.region_sizes = tuple(
             self.region_flags_and_size(index)[1] for index in range(self.num_regions)
         )
+        """Each region's size by index (0: it does not exist), fixed once built."""
+        self._readers = tuple(self._reader(index) for index in range(self.num_regions))
 
     def _check_bars(self) -> None:
         for index, bar in self.bars.items():
@@ -408,18 +411,27 @@ class PciDevice:
 
     def region_size(self, index: int) -> int:
         """The size of region `index` (< num_regions), 0 if it does not exist."""
-        return self._region_sizes[index]
+        return self.region_sizes[index]
 
     def read_region(self, index: int, offset: int, count: int) -> bytes | Awaitable[bytes]:
         """A client read, already checked against the region's bounds."""
+        return self._readers[index](offset, count)
+
+    def _reader(self, index: int) -> Callable[[int, int], bytes | Awaitable[bytes]]:
+        """What reads region `index`, decided once: a BAR's own handler, where muser
+        emulates nothing in it, so that a guest's MMIO read costs one call."""
         if index == PciRegion.CONFIG:
-            return self.read_config(offset, count)
-        if index == PciRegion.ROM and self.rom:
-            return self.rom[offset : offset + count]
+            return self.read_config
+        rom = self.rom
+        if index == PciRegion.ROM and rom:
+            return lambda offset, count: rom[offset : offset + count]
         emulated = self._emulated_bar_ranges.get(index)
         if emulated:
-            return self._read_emulated_bar(index, offset, count, emulated)
-        return self._read_bar(index, offset, count)
+            return functools.partial(self._read_emulated_bar, index, emulated=emulated)
+        bar = self.bars.get(index)
+        if bar is not None and bar.read is not None:
+            return bar.read
+        return functools.partial(self._read_bar, index)
 
     def _read_bar(self, index: int, offset: int, count: int) -> bytes | Awaitable[bytes]:
         bar = self.bars.get(index)
@@ -428,7 +440,7 @@ class PciDevice:
         return bar.read(offset, count)
 
     def _read_emulated_bar(
-        self, index: int, offset: int, count: int, emulated: list[tuple[range, str]]
+        self, index: int, offset: int, count: int, *, emulated: list[tuple[range, str]]
     ) -> bytes | Awaitable[bytes]:
         table = self.irqs.msix_table
         pieces: list[bytes | Awaitable[bytes]] = []

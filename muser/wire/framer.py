@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,17 +24,7 @@ from muser.wire.constants import (
     MESSAGE_TYPE_MASK,
     NO_REPLY_BIT,
 )
-from muser.wire.messages import Header
-
-
-def _header_codec() -> struct.Struct:
-    codec = Header.CODEC
-    if codec is None or codec.size != HEADER_SIZE:
-        raise RuntimeError("the Header declaration must be 16 fixed bytes")
-    return codec
-
-
-_HEADER = _header_codec()
+from muser.wire.messages import HEADER_CODEC as _HEADER
 
 
 def close_fds(fds: Iterable[int]) -> None:

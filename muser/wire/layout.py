@@ -90,6 +90,18 @@ class Layout:
             raise ValueError(f"cannot build {type(self).__name__}: {exc}") from None
 
 
+def joined_codec(*layouts: type[Layout]) -> struct.Struct:
+    """One `struct.Struct` for the fixed fields of several layouts back to back (a
+    header and the start of its payload), so a hot path packs a message in one call."""
+    formats = []
+    for each in layouts:
+        codec = each.CODEC
+        if codec is None or each.HAS_TAIL:
+            raise TypeError(f"{each.__name__} is not all fixed-size fields")
+        formats.append(codec.format.removeprefix("<"))
+    return struct.Struct("<" + "".join(formats))
+
+
 def _fast_format(subcon: Any) -> str | None:
     """The `struct` format of one fixed-size field, derived from its construct subcon."""
     if isinstance(subcon, cs.FormatField):

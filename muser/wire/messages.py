@@ -16,7 +16,7 @@ import construct as cs
 
 from muser.errors import ProtocolError
 from muser.wire.constants import Command, DmaUnmapFlag, Feature, FeatureFlag, RegionCapId
-from muser.wire.layout import Layout, array_of, layout, nested, wire
+from muser.wire.layout import Layout, array_of, joined_codec, layout, nested, wire
 
 _u16: Any = cs.Int16ul
 _u32: Any = cs.Int32ul
@@ -230,6 +230,12 @@ class RegionData(Layout):
     region: int = wire(_u32)
     count: int = wire(_u32)
     data: bytes = wire(_tail)
+
+
+HEADER_CODEC = joined_codec(Header)
+ACCESS_MESSAGE = joined_codec(Header, RegionAccess)
+"""A whole REGION_READ request or REGION_WRITE reply, and the first 32 bytes of a
+REGION_READ reply or REGION_WRITE request (RegionData starts as RegionAccess)."""
 
 
 @layout

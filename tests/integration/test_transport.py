@@ -175,3 +175,27 @@ async def test_a_coalesced_backlog_keeps_fds_on_their_message() -> None:
     collector.frames[100].close_fds()
     sender.close()
     receiver.close()
+
+
+async def test_fast_lane_sends_keep_their_place_in_the_backlog() -> None:
+    """`send_message` (the server's fast lane) queues behind what the socket did not
+    take, in order with `send`; once closing, it drops its message."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sender = FdTransport(ours, Collector(), max_receive_fds=1)
+    sender.send_message(message(0, Command.REGION_WRITE, bytes(64 * 1024)))
+    assert sender.write_buffer_size > 0
+    fd = os.eventfd(0)
+    sender.send((message(1, Command.DEVICE_RESET),), [fd])
+    os.close(fd)
+    sender.send_message(message(2, Command.DEVICE_RESET))
+    sender.close_when_sent()
+    sender.send_message(message(3, Command.DEVICE_RESET))
+    collector = Collector()
+    receiver = FdTransport(theirs, collector, max_receive_fds=4)
+    await collector.wait_for(3)
+    assert await asyncio.wait_for(collector.lost, 5) is None
+    assert [frame.msg_id for frame in collector.frames] == [0, 1, 2]
+    assert [len(frame.fds) for frame in collector.frames] == [0, 1, 0]
+    collector.frames[1].close_fds()
+    receiver.close()

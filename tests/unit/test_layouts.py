@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 from muser.errors import ProtocolError
 from muser.wire import Framer
 from muser.wire.constants import Command, FeatureFlag
-from muser.wire.layout import Layout
+from muser.wire.layout import Layout, joined_codec
 from muser.wire.messages import (
+    ACCESS_MESSAGE,
     FEATURE_DATA,
+    HEADER_CODEC,
     REPLIES,
     REQUESTS,
     CapHeader,
@@ -23,11 +25,13 @@ from muser.wire.messages import (
     DmaUnmap,
     Header,
     IoEventFdEntry,
+    RegionAccess,
     RegionData,
     RegionInfo,
     SparseMmapArea,
     SparseMmapCap,
     TypeCap,
+    Version,
     WriteMulti,
     WriteOne,
     build_write_multi,
@@ -61,6 +65,25 @@ def test_fixed_sizes() -> None:
     assert sizes["DeviceFeature"] == 8
     assert sizes["MigData"] == 8
     assert IoEventFdEntry.SIZE == 48
+
+
+@given(
+    header=st.tuples(*(st.integers(0, 0xFFFF),) * 2, *(st.integers(0, 0xFFFFFFFF),) * 3),
+    access=st.tuples(st.integers(0, 2**64 - 1), *(st.integers(0, 0xFFFFFFFF),) * 2),
+    data=st.binary(max_size=8),
+)
+def test_whole_message_codecs_agree_with_the_declarations(
+    header: tuple[int, ...], access: tuple[int, int, int], data: bytes
+) -> None:
+    """The fast lane's one-call codecs are the header and access layouts back to back."""
+    assert HEADER_CODEC.pack(*header) == Header(*header).build()
+    whole = Header(*header).build() + RegionAccess(*access).build()
+    assert ACCESS_MESSAGE.pack(*header, *access) == whole
+    assert ACCESS_MESSAGE.unpack_from(whole + data) == (*header, *access)
+    assert (whole + data)[16:] == RegionData(*access, data).build()
+    for variable in (Version, DmaUnmap):
+        with pytest.raises(TypeError, match="not all fixed-size fields"):
+            joined_codec(Header, variable)
 
 
 @pytest.mark.parametrize("layout", FAST, ids=lambda layout: layout.__name__)
