@@ -178,18 +178,15 @@ class Series:
 
 
 class RawRequester:
-    """A client without any framework: one socket driven by `add_reader` + `recvmsg`
-    that sends the same request bytes each round trip and waits for `reply_size`
-    bytes. The echo baseline and muser's server are both timed through it, so that
-    the two differ only in what answers."""
+    """A client without any framework: one socket driven by `add_reader` + `recvmsg`,
+    sending prebuilt request bytes and waiting for a reply of known size. The echo
+    baseline and muser's server are both timed through it, so that the two differ
+    only in what answers."""
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, request: bytes, reply_size: int
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         self._loop = loop
         self._sock = sock
-        self._request = request
-        self._reply_size = reply_size
+        self._reply_size = 0
         self._waiter: asyncio.Future[bytes] = loop.create_future()
         loop.add_reader(sock.fileno(), self._answered)
 
@@ -201,10 +198,17 @@ class RawRequester:
         else:
             self._waiter.set_exception(RuntimeError(f"short reply of {len(data)} bytes"))
 
-    async def round_trip(self) -> bytes:
-        self._waiter = self._loop.create_future()
-        self._sock.sendmsg([self._request])
-        return await self._waiter
+    def round_trip(self, request: bytes, reply_size: int) -> RoundTrip:
+        """One round trip of `request`, answered with `reply_size` bytes, to time."""
+        loop, sock = self._loop, self._sock
+
+        async def round_trip() -> bytes:
+            self._reply_size = reply_size
+            self._waiter = waiter = loop.create_future()
+            sock.sendmsg([request])
+            return await waiter
+
+        return round_trip
 
     def close(self) -> None:
         self._loop.remove_reader(self._sock.fileno())
@@ -222,8 +226,8 @@ class EchoBaseline:
         client.setblocking(False)
         self._server.setblocking(False)
         self._reply = bytes(reply_size)
-        self._requester = RawRequester(loop, client, bytes(REQUEST_SIZE), reply_size)
-        self.round_trip = self._requester.round_trip
+        self._requester = RawRequester(loop, client)
+        self.round_trip = self._requester.round_trip(bytes(REQUEST_SIZE), reply_size)
         loop.add_reader(self._server.fileno(), self._serve)
 
     def _serve(self) -> None:

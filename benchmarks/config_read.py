@@ -1,16 +1,17 @@
 """Config-space REGION_READ round trips through muser, against BAR0 and a raw socket echo.
 
-On each event loop (asyncio, uvloop) this measures, in one process, a
-`muser.Client` doing sequential reads, one outstanding at a time, against a
-`muser.Server` on a UNIX socket whose device (vendor 0x1234, device 0x11e8, no
-capabilities, so 256 bytes of config space and no device-claimed config
-registers) has a 4 KiB memory BAR0 with a plain (non-async) read handler:
+On each event loop (asyncio, uvloop) this measures, in one process, sequential
+REGION_READs, one outstanding at a time, sent by the raw client region_read.py
+uses (prebuilt messages, `add_reader` + `recvmsg`) to a `muser.Server` on a UNIX
+socket whose device (vendor 0x1234, device 0x11e8, no capabilities, so 256 bytes
+of config space and no device-claimed config registers) has a 4 KiB memory BAR0
+with a plain (non-async) read handler:
 
-- config: `region_read(7, 0, 4)`, the vendor and device IDs, as a guest's config
+- config: region 7, offset 0, 4 bytes: the vendor and device IDs, as a guest's config
   cycle arrives from QEMU;
-- bar0: `region_read(0, 0, 4)` on the same device, the BAR path region_read.py
+- bar0: region 0, offset 0, 4 bytes on the same device, the BAR path region_read.py
   measures;
-- config 256: `region_read(7, 0, 256)`, the whole of config space, as QEMU reads it
+- config 256: region 7, offset 0, 256 bytes: the whole of config space, as QEMU reads it
   once when it realizes the device;
 - baseline and baseline 256: the same traffic shapes without any framework, a
   socketpair whose ends are driven by `loop.add_reader` + `recvmsg`/`sendmsg`,
@@ -33,18 +34,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
+import contextlib
 import os
 from dataclasses import asdict
 from typing import Any
 
 from common import (
     EchoBaseline,
+    RawRequester,
     RoundTrip,
     Series,
     add_common_arguments,
     check_common_arguments,
     print_machine,
+    raw_session,
+    region_read_request,
     run_per_loop,
 )
 
@@ -105,7 +109,7 @@ async def check_reads(
         "config_256": device.config.read(0, CONFIG_SIZE),
     }
     for name, data in expected.items():
-        if await reads[name]() != data:
+        if (await reads[name]())[REPLY_OVERHEAD:] != data:
             raise RuntimeError(f"muser returned the wrong bytes for {BENCHMARKS[name]}")
 
 
@@ -116,34 +120,33 @@ async def bench_loop(
     loop = asyncio.get_running_loop()
     device, memory = memory_device()
     path = os.path.join(directory, f"{type(loop).__name__}.sock")
-    baselines = {
-        "baseline": EchoBaseline(loop, REPLY_OVERHEAD + READ_SIZE),
-        "baseline_256": EchoBaseline(loop, REPLY_OVERHEAD + CONFIG_SIZE),
-    }
-    try:
-        async with muser.Server(device, path), await muser.Client.connect(path) as client:
-            reads: dict[str, RoundTrip] = {
-                "bar0": functools.partial(client.region_read, PciRegion.BAR0, 0, READ_SIZE),
-                "config": functools.partial(client.region_read, PciRegion.CONFIG, 0, READ_SIZE),
-                "config_256": functools.partial(
-                    client.region_read, PciRegion.CONFIG, 0, CONFIG_SIZE
-                ),
-            }
-            await check_reads(reads, device, memory)
-            every: dict[str, RoundTrip] = {
-                name: baseline.round_trip for name, baseline in baselines.items()
-            }
-            every.update(reads)
-            series = {name: Series(every[name]) for name in BENCHMARKS}
-            for one in series.values():
-                for _ in range(warm_up):
-                    await one.round_trip()
-            for _ in range(repetitions):
-                for one in series.values():
-                    await one.run(round_trips)
-    finally:
+    async with contextlib.AsyncExitStack() as stack:
+        baselines = {
+            "baseline": EchoBaseline(loop, REPLY_OVERHEAD + READ_SIZE),
+            "baseline_256": EchoBaseline(loop, REPLY_OVERHEAD + CONFIG_SIZE),
+        }
         for baseline in baselines.values():
-            baseline.close()
+            stack.callback(baseline.close)
+        await stack.enter_async_context(muser.Server(device, path))
+        raw = RawRequester(loop, await raw_session(path))
+        stack.callback(raw.close)
+        every: dict[str, RoundTrip] = {
+            name: raw.round_trip(region_read_request(region, 0, count), REPLY_OVERHEAD + count)
+            for name, region, count in (
+                ("bar0", PciRegion.BAR0, READ_SIZE),
+                ("config", PciRegion.CONFIG, READ_SIZE),
+                ("config_256", PciRegion.CONFIG, CONFIG_SIZE),
+            )
+        }
+        await check_reads(every, device, memory)
+        every.update({name: baseline.round_trip for name, baseline in baselines.items()})
+        series = {name: Series(every[name]) for name in BENCHMARKS}
+        for one in series.values():
+            for _ in range(warm_up):
+                await one.round_trip()
+        for _ in range(repetitions):
+            for one in series.values():
+                await one.run(round_trips)
     results = {name: asdict(one.result()) for name, one in series.items()}
     return {
         "loop": f"{type(loop).__module__}.{type(loop).__qualname__}",

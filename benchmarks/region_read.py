@@ -84,17 +84,16 @@ async def bench_loop(
         await stack.enter_async_context(muser.Server(device, path))
         await stack.enter_async_context(muser.Server(twin, twin_path))
         client = await stack.enter_async_context(await muser.Client.connect(twin_path))
-        raw = RawRequester(
-            loop, await raw_session(path), region_read_request(0, 0, READ_SIZE), REPLY_SIZE
-        )
+        raw = RawRequester(loop, await raw_session(path))
         stack.callback(raw.close)
+        raw_read = raw.round_trip(region_read_request(0, 0, READ_SIZE), REPLY_SIZE)
         read = functools.partial(client.region_read, 0, 0, READ_SIZE)
         expected = memory[:READ_SIZE]
-        if await read() != expected or (await raw.round_trip())[-READ_SIZE:] != expected:
+        if await read() != expected or (await raw_read())[-READ_SIZE:] != expected:
             raise RuntimeError("muser returned the wrong bytes")
         series = {
             "baseline": Series(baseline.round_trip),
-            "muser": Series(raw.round_trip),
+            "muser": Series(raw_read),
             "muser_client": Series(read),
         }
         for one in series.values():

@@ -355,7 +355,7 @@ class PciDevice:
                 and self.irqs.msix_table is not None
                 and len(payload) == len(self.irqs.msix_table.entries)
             ):
-                self.irqs.msix_table.entries[:] = payload
+                self.irqs.msix_table.restore(payload)
             elif (
                 TAG_SHARED_BAR <= tag < TAG_SHARED_BAR + NUM_BARS
                 and tag - TAG_SHARED_BAR in self.shared

@@ -68,9 +68,13 @@ def _is_eventfd(fd: int) -> bool:
 
 def _signal(fd: int) -> None:
     try:  # noqa: SIM105 - contextlib.suppress costs a microsecond per interrupt
-        os.eventfd_write(fd, 1)
+        _eventfd_write(fd, 1)
     except BlockingIOError:
         pass  # a saturated counter: the consumer has an interrupt waiting anyway
+
+
+_eventfd_write = os.eventfd_write
+_DELIVERED = Delivery.DELIVERED
 
 
 class Irq:
@@ -92,6 +96,9 @@ class Irq:
         self._unmask_fds: list[int | None] = [None] * count
         self._masked = [False] * count
         self._pending = [False] * count
+        self._open: list[int | None] = [None] * count
+        """Per vector, its eventfd while nothing holds it back: what `trigger` found
+        last time, kept until anything that could close it changes."""
         self.delivered = 0
         """Interrupts delivered since the device was created."""
         self.dropped = 0
@@ -112,6 +119,22 @@ class Irq:
 
     def trigger(self, vector: int = 0) -> Delivery:
         """Raise interrupt `vector` of this index; safe from any code on the loop's thread."""
+        try:
+            fd = self._open[vector] if vector >= 0 else None
+        except IndexError:
+            fd = None
+        if fd is None:
+            return self._trigger(vector)
+        try:  # noqa: SIM105 - as in _signal, inline: this is every interrupt's path
+            _eventfd_write(fd, 1)
+        except BlockingIOError:
+            pass
+        self.delivered += 1
+        return _DELIVERED
+
+    def _trigger(self, vector: int) -> Delivery:
+        """Decide from everything that may hold the interrupt back, and remember an
+        open vector (unless each delivery masks it, as INTx's does)."""
         if not 0 <= vector < self.count:
             raise ValueError(f"{self.index.name} has no vector {vector}")
         if not self.enabled or self._triggers[vector] is None:
@@ -125,7 +148,13 @@ class Irq:
             self.set_pending(vector, True)
             return Delivery.PENDING
         self._deliver(vector)
+        if not self._automask:
+            self._open[vector] = self._triggers[vector]
         return Delivery.DELIVERED
+
+    def forget_open(self) -> None:
+        """Something that gates delivery changed: decide afresh on the next trigger."""
+        self._open = [None] * self.count
 
     def _deliver(self, vector: int) -> None:
         fd = self._triggers[vector]
@@ -153,6 +182,7 @@ class Irq:
 
     def mask(self, vector: int) -> None:
         self._masked[vector] = True
+        self._open[vector] = None
 
     def unmask(self, vector: int) -> None:
         self._masked[vector] = False
@@ -167,6 +197,7 @@ class Irq:
                 close_fds([old])
             self._triggers[vector] = fd
         self.enabled = True
+        self.forget_open()
 
     def assign_unmask_fds(self, start: int, fds: Sequence[int | None]) -> None:
         loop = asyncio.get_running_loop()
@@ -197,6 +228,7 @@ class Irq:
         close_fds(fd for fd in self._triggers if fd is not None)
         self._triggers = [None] * self.count
         self.enabled = False
+        self.forget_open()
         self.clear()
 
     def clear(self) -> None:
@@ -247,8 +279,10 @@ class MsixTable:
     and the Mask bit of Vector Control."""
     VECTOR_CONTROL = 12
 
-    def __init__(self, capability: MsiX) -> None:
+    def __init__(self, capability: MsiX, changed: Callable[[], None]) -> None:
         self.capability = capability
+        self._changed = changed
+        """Told of every change, as config space tells its listeners."""
         self.entries = bytearray(capability.table_bytes)
         self.in_use = False
         """Whether the client programs this table. QEMU emulates the table itself and
@@ -261,6 +295,12 @@ class MsixTable:
         for vector in range(self.capability.table_size):
             self.entries[vector * 16 + self.VECTOR_CONTROL] = 0x01
         self.in_use = False
+        self._changed()
+
+    def restore(self, entries: bytes) -> None:
+        """The table as a migration source left it."""
+        self.entries[:] = entries
+        self._changed()
 
     def vector_masked(self, vector: int) -> bool:
         return self.in_use and bool(self.entries[vector * 16 + self.VECTOR_CONTROL] & 0x01)
@@ -279,6 +319,7 @@ class MsixTable:
             self.entries[position] = new
             if position % 16 == self.VECTOR_CONTROL and old & 1 and not new & 1:
                 unmasked.append(position // 16)
+        self._changed()
         return unmasked
 
 
@@ -297,8 +338,7 @@ class Interrupts:
     ) -> None:
         self._config = config
         self._msix = msix
-        self.running = True
-        """False while migration has the device stopped: interrupts are held pending."""
+        self._running = True
         self.intx = IntxIrq(self, 1 if intx else 0)
         self.msi = Irq(
             self,
@@ -314,8 +354,9 @@ class Interrupts:
         )
         self.err = Irq(self, IrqIndex.ERR, 1 if err else 0, IrqInfoFlag.EVENTFD)
         self.req = Irq(self, IrqIndex.REQ, 1 if req else 0, IrqInfoFlag.EVENTFD)
-        self.msix_table = MsixTable(msix) if msix else None
         self._by_index = (self.intx, self.msi, self.msix, self.err, self.req)
+        self.msix_table = MsixTable(msix, self.msix.forget_open) if msix else None
+        config.on_change(self._forget_open)
         self._msi_control_at = self._msix_control_at = 0
         self._msi_mask_at: int | None = None
         self._msi_pending_at: int | None = None
@@ -330,6 +371,20 @@ class Interrupts:
         if msix is not None:
             self._msix_control_at = config.offset_of(msix) + MsiX.CONTROL
             self.msix.gate = self._gate_msix
+
+    @property
+    def running(self) -> bool:
+        """False while migration has the device stopped: interrupts are held pending."""
+        return self._running
+
+    @running.setter
+    def running(self, running: bool) -> None:
+        self._running = running
+        self._forget_open()
+
+    def _forget_open(self) -> None:
+        for irq in self._by_index:
+            irq.forget_open()
 
     def __getitem__(self, index: int) -> Irq:
         return self._by_index[index]

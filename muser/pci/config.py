@@ -11,7 +11,7 @@ Capabilities are placed and chained here; rules that masks can't express
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from enum import IntEnum, IntFlag
 from typing import TYPE_CHECKING
 
@@ -170,6 +170,7 @@ class ConfigSpace:
         if extended_capabilities and not pcie:
             raise ValueError("extended capabilities need a PciExpress capability")
         self.size = PCIE_CONFIG_SPACE_SIZE if pcie else CONFIG_SPACE_SIZE
+        self._listeners: list[Callable[[], None]] = []
         self._data = bytearray(self.size)
         self._writable = bytearray(self.size)
         self._write_clears = bytearray(self.size)
@@ -200,6 +201,16 @@ class ConfigSpace:
         self._placed: list[tuple[AnyCapability, int]] = []
         self._chain(capabilities, extended_capabilities, list(reserved))
         self._power_on = bytes(self._data)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every change of the bytes once built (a guest write,
+        a device-side register, a reset), so that a decision drawn from them and
+        kept for speed, as interrupt delivery keeps one, can be forgotten."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def _set(
         self, offset: int, size: int, value: int, *, writable: int = 0, write_clears: int = 0
@@ -260,6 +271,7 @@ class ConfigSpace:
         """Set a register from the device side, whatever its guest access rules
         (e.g. a status bit the device raises)."""
         self._data[offset : offset + size] = value.to_bytes(size, "little")
+        self._changed()
 
     def read(self, offset: int, count: int) -> bytes:
         self.check(offset, count)
@@ -284,6 +296,7 @@ class ConfigSpace:
         for capability, base, before in touched:
             if isinstance(capability, Capability):
                 reset |= capability.after_write(self, base, before, offset, data)
+        self._changed()
         return reset
 
     def _overlapping(self, offset: int, count: int) -> Iterator[tuple[AnyCapability, int]]:
@@ -294,6 +307,7 @@ class ConfigSpace:
     def reset(self) -> None:
         """Back to power-on values (DEVICE_RESET, FLR)."""
         self._data[:] = self._power_on
+        self._changed()
 
     def check(self, offset: int, count: int) -> None:
         if offset < 0 or count < 0 or offset + count > self.size:

@@ -7,7 +7,7 @@ import asyncio
 import errno
 import os
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -338,6 +338,102 @@ class TestMsiX:
         assert len(open_fds()) == len(before) + 1
         device.irqs.msix.trigger(0)
         assert [counter(fd) for fd in eventfds[:2]] == [0, 1]
+
+
+Closer = Callable[[Client, IrqDevice, list[int]], Awaitable[None]]
+
+
+async def function_mask(client: Client, device: IrqDevice, eventfds: list[int]) -> None:
+    await TestMsiX().enable(client, device, 0xC000)
+
+
+async def msix_disable(client: Client, device: IrqDevice, eventfds: list[int]) -> None:
+    await TestMsiX().enable(client, device, 0)
+
+
+async def table_mask(client: Client, device: IrqDevice, eventfds: list[int]) -> None:
+    await client.region_write(0, MSIX_TABLE + 12, b"\1\0\0\0")
+
+
+async def set_irqs_mask(client: Client, device: IrqDevice, eventfds: list[int]) -> None:
+    await client.set_irqs(2, MASK_NONE, 0, 1)
+
+
+async def new_eventfd(client: Client, device: IrqDevice, eventfds: list[int]) -> None:
+    await client.set_irqs(2, TRIGGER_EVENTFD, 0, 1, fds=eventfds[1:2])
+
+
+async def disable_index(client: Client, device: IrqDevice, eventfds: list[int]) -> None:
+    await client.set_irqs(2, TRIGGER_NONE, 0, 0)
+
+
+async def migration_stop(client: Client, device: IrqDevice, eventfds: list[int]) -> None:
+    device.irqs.running = False
+
+
+async def device_side_mask(client: Client, device: IrqDevice, eventfds: list[int]) -> None:
+    control = device.config.offset_of(device.msix_cap) + 2
+    device.config.set_register(control, 2, 0xC000)
+
+
+async def device_reset(client: Client, device: IrqDevice, eventfds: list[int]) -> None:
+    await client.reset()
+
+
+class TestRememberedDelivery:
+    """A trigger that found its vector open remembers the eventfd; every change that
+    could close the vector again must make the next trigger decide afresh."""
+
+    @pytest.mark.parametrize(
+        ("close", "outcome", "signalled"),
+        [
+            (function_mask, Delivery.PENDING, [0, 0]),
+            (msix_disable, Delivery.DROPPED, [0, 0]),
+            (table_mask, Delivery.PENDING, [0, 0]),
+            (set_irqs_mask, Delivery.PENDING, [0, 0]),
+            (new_eventfd, Delivery.DELIVERED, [0, 1]),
+            (disable_index, Delivery.DROPPED, [0, 0]),
+            (migration_stop, Delivery.PENDING, [0, 0]),
+            (device_side_mask, Delivery.PENDING, [0, 0]),
+            (device_reset, Delivery.DROPPED, [0, 0]),
+        ],
+        ids=lambda value: getattr(value, "__name__", None),
+    )
+    async def test_msix(
+        self,
+        client: Client,
+        device: IrqDevice,
+        eventfds: list[int],
+        close: Closer,
+        outcome: Delivery,
+        signalled: list[int],
+    ) -> None:
+        msix = device.irqs.msix
+        await TestMsiX().enable(client, device)
+        await client.region_write(0, MSIX_TABLE + 12, b"\0\0\0\0")  # the client owns the table
+        await client.set_irqs(2, TRIGGER_EVENTFD, 0, 1, fds=eventfds[:1])
+        assert [msix.trigger(0), msix.trigger(0)] == [Delivery.DELIVERED] * 2
+        assert counter(eventfds[0]) == 2
+        await close(client, device, eventfds)
+        assert msix.trigger(0) is outcome
+        assert [counter(fd) for fd in eventfds[:2]] == signalled
+
+    async def test_msi_vector_mask(
+        self, client: Client, device: IrqDevice, eventfds: list[int]
+    ) -> None:
+        msi = device.irqs.msi
+        base = device.config.offset_of(device.msi_cap)
+        await client.set_irqs(1, TRIGGER_EVENTFD, 0, 4, fds=eventfds)
+        await config_write(client, base + 2, 0x0021, 2)
+        assert msi.trigger(1) is Delivery.DELIVERED
+        await config_write(client, base + 0x10, 0b0010, 4)
+        assert msi.trigger(1) is Delivery.PENDING
+        assert [counter(fd) for fd in eventfds] == [0, 1, 0, 0]
+
+    async def test_vectors_out_of_range_are_refused(self, device: IrqDevice) -> None:
+        for vector in (-1, 4):
+            with pytest.raises(ValueError, match="MSIX has no vector"):
+                device.irqs.msix.trigger(vector)
 
 
 class TestSetIrqsActions:
