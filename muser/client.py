@@ -37,6 +37,7 @@ from muser.wire.constants import (
     MigrationState,
 )
 from muser.wire.messages import (
+    ACCESS_CODEC,
     DeviceFeature,
     DeviceInfo,
     DmaAccess,
@@ -54,8 +55,6 @@ from muser.wire.messages import (
     MigDataRead,
     MigDeviceState,
     MigrationFeature,
-    RegionAccess,
-    RegionData,
     RegionInfo,
     Version,
     WriteOne,
@@ -254,17 +253,21 @@ class Client(Endpoint):
 
     async def region_read(self, region: int, offset: int, count: int) -> bytes:
         """REGION_READ: `count` bytes of a region, checked to be what was asked."""
-        request = RegionAccess(offset, region, count).build()
-        reply = RegionData.parse((await self.request(Command.REGION_READ, request)).payload)
-        if reply.count != count or len(reply.data) != count:
-            raise ProtocolError(f"asked for {count} bytes, got {len(reply.data)}")
-        return reply.data
+        request = ACCESS_CODEC.pack(offset, region, count)
+        payload = (await self.request(Command.REGION_READ, request)).payload
+        if len(payload) < ACCESS_CODEC.size:
+            raise ProtocolError(f"REGION_READ reply of {len(payload)} bytes")
+        *_access, got = ACCESS_CODEC.unpack_from(payload)
+        data = payload[ACCESS_CODEC.size :]
+        if got != count or len(data) != count:
+            raise ProtocolError(f"asked for {count} bytes, got {len(data)}")
+        return data
 
     async def region_write(
         self, region: int, offset: int, data: bytes, *, posted: bool = False
     ) -> None:
         """Write to a region; a posted write (NO_REPLY) returns once it is sent."""
-        request = RegionData(offset, region, len(data), data).build()
+        request = ACCESS_CODEC.pack(offset, region, len(data)) + data
         if posted:
             self.post(Command.REGION_WRITE, request)
             await self.transport.drain()

@@ -186,6 +186,15 @@ class ServerConnection(Endpoint):
         self._fast_lane = False
         """Whether REGION_READ/REGION_WRITE may skip the framer and the queue: once
         negotiated, unless every message is being logged or traced, until closing."""
+        self._lane: tuple[
+            int,
+            int,
+            tuple[int, ...],
+            tuple[Callable[[int, int], bytes | Awaitable[bytes]], ...],
+            Callable[[int, int, bytes], Awaitable[None] | None],
+        ] = (0, 0, (), (), device.write_region)
+        """What the fast lane needs, fetched once: message and transfer limits, region
+        sizes, region readers, the region writer."""
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         """Done once the client is gone and the device has been told."""
         self._handlers: dict[int, Handler] = {
@@ -222,16 +231,11 @@ class ServerConnection(Endpoint):
             super().data_received(data, fds)
             return
         position, end = 0, len(data)
-        fixed = ACCESS_MESSAGE.size
-        limit = self._framer.max_message_size
-        max_count = self.max_data_xfer_size
-        device = self.device
-        region_sizes = device.region_sizes
-        send = self.transport.send_message
+        fixed, pack, unpack = ACCESS_MESSAGE.size, ACCESS_MESSAGE.pack, ACCESS_MESSAGE.unpack_from
+        transport = self.transport
+        limit, max_count, region_sizes, readers, write = self._lane
         while end - position >= fixed and not self._busy:
-            msg_id, command, size, flags, _error, offset, region, count = (
-                ACCESS_MESSAGE.unpack_from(data, position)
-            )
+            msg_id, command, size, flags, _error, offset, region, count = unpack(data, position)
             if (
                 size > end - position
                 or size > limit
@@ -239,12 +243,12 @@ class ServerConnection(Endpoint):
                 or region >= len(region_sizes)
                 or not 0 < count <= max_count
                 or offset + count > region_sizes[region]
-                or self.transport.write_buffer_size > WRITE_HIGH_WATER
+                or transport.write_buffer_size > WRITE_HIGH_WATER
             ):
                 break
             if command == _REGION_READ and size == fixed:
                 try:
-                    result = device.read_region(region, offset, count)
+                    result = readers[region](offset, count)
                 except Exception as exc:
                     self._reply_error(_frame_at(data, position, size), exc)
                 else:
@@ -252,38 +256,23 @@ class ServerConnection(Endpoint):
                         request = RegionAccess(offset, region, count)
                         self._read_result(_frame_at(data, position, size), request, result)
                     elif not flags & NO_REPLY_BIT:
-                        send(
-                            ACCESS_MESSAGE.pack(
-                                msg_id,
-                                command,
-                                size + count,
-                                FLAGS_REPLY,
-                                0,
-                                offset,
-                                region,
-                                count,
-                            )
-                            + result
+                        head = pack(
+                            msg_id, command, size + count, FLAGS_REPLY, 0, offset, region, count
                         )
+                        transport.send_message(head + result)
             elif command == _REGION_WRITE and size == fixed + count:
                 try:
-                    done = device.write_region(
-                        region, offset, data[position + fixed : position + size]
-                    )
+                    done = write(region, offset, data[position + fixed : position + size])
                 except Exception as exc:
                     self._reply_error(_frame_at(data, position, size), exc)
                 else:
                     if done is not None:
                         reply = RegionAccess(offset, region, count)
-                        self._await_handler(
-                            _frame_at(data, position, size), self._after(done, reply)
-                        )
+                        frame = _frame_at(data, position, size)
+                        self._await_handler(frame, self._after(done, reply))
                     elif not flags & NO_REPLY_BIT:
-                        send(
-                            ACCESS_MESSAGE.pack(
-                                msg_id, command, fixed, FLAGS_REPLY, 0, offset, region, count
-                            )
-                        )
+                        head = pack(msg_id, command, fixed, FLAGS_REPLY, 0, offset, region, count)
+                        transport.send_message(head)
             else:
                 break
             position += size
@@ -531,6 +520,14 @@ class ServerConnection(Endpoint):
         self.peer = parse_capabilities(request.capabilities)
         self._closing = False
         self._fast_lane = not self._debug and self._recorder is None
+        device = self.device
+        self._lane = (
+            self._framer.max_message_size,
+            self.max_data_xfer_size,
+            device.region_sizes,
+            device.region_readers,
+            device.write_region,
+        )
         self.log.info(
             "negotiated",
             client_version=f"{request.major}.{request.minor}",

@@ -93,7 +93,8 @@ class FdTransport:
         """This thread's buffer: the loop's, as the transport is made on it."""
         self._receive_into = [self._receive_view]
         self._writes: deque[_PendingWrite] = deque()
-        self._queued = 0
+        self.write_buffer_size = 0
+        """Bytes queued for the peer that the socket has not taken yet (read only)."""
         self._drained: asyncio.Event | None = None
         self._reading = False
         self._closing = False
@@ -103,10 +104,6 @@ class FdTransport:
     @property
     def closed(self) -> bool:
         return self._closed
-
-    @property
-    def write_buffer_size(self) -> int:
-        return self._queued
 
     def peer_pid(self) -> int | None:
         """The connecting process, from SO_PEERCRED (Linux)."""
@@ -169,7 +166,7 @@ class FdTransport:
             data = bytearray(b"".join(buffers)[sent:])
         else:
             data = bytearray(b"".join(buffers))
-        self._queued += len(data)
+        self.write_buffer_size += len(data)
         if not fds and self._writes and not self._writes[-1].fds:
             self._writes[-1].data += data
             return
@@ -193,7 +190,7 @@ class FdTransport:
             self._abort(exc)
             return
         if sent != len(message):
-            self._queued += len(message) - sent
+            self.write_buffer_size += len(message) - sent
             self._writes.append(_PendingWrite(bytearray(message[sent:]), []))
             self._loop.add_writer(self._fd, self._on_writable)
 
@@ -210,7 +207,7 @@ class FdTransport:
             close_fds(pending.fds)
             pending.fds = []
             del pending.data[:sent]
-            self._queued -= sent
+            self.write_buffer_size -= sent
             if pending.data:
                 return
             self._writes.popleft()
@@ -220,13 +217,15 @@ class FdTransport:
             self._abort(None)
 
     def _wake_drain(self) -> None:
-        if self._drained is not None and (self._queued <= WRITE_LOW_WATER or self._closed):
+        if self._drained is not None and (
+            self.write_buffer_size <= WRITE_LOW_WATER or self._closed
+        ):
             self._drained.set()
             self._drained = None
 
     async def drain(self) -> None:
         """Wait while more than the high-water mark is queued for the peer."""
-        if self._queued <= WRITE_HIGH_WATER or self._closed:
+        if self.write_buffer_size <= WRITE_HIGH_WATER or self._closed:
             return
         if self._drained is None:
             self._drained = asyncio.Event()
@@ -255,7 +254,7 @@ class FdTransport:
         for pending in self._writes:
             close_fds(pending.fds)
         self._writes.clear()
-        self._queued = 0
+        self.write_buffer_size = 0
         self._wake_drain()
         self._sock.close()
         self._loop.call_soon(self._protocol.connection_lost, exc)

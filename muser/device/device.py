@@ -199,7 +199,8 @@ class PciDevice:
             self.region_flags_and_size(index)[1] for index in range(self.num_regions)
         )
         """Each region's size by index (0: it does not exist), fixed once built."""
-        self._readers = tuple(self._reader(index) for index in range(self.num_regions))
+        self.region_readers = tuple(self._reader(index) for index in range(self.num_regions))
+        """What `read_region` calls for each region (offset, count), decided once."""
 
     def _check_bars(self) -> None:
         for index, bar in self.bars.items():
@@ -415,7 +416,7 @@ class PciDevice:
 
     def read_region(self, index: int, offset: int, count: int) -> bytes | Awaitable[bytes]:
         """A client read, already checked against the region's bounds."""
-        return self._readers[index](offset, count)
+        return self.region_readers[index](offset, count)
 
     def _reader(self, index: int) -> Callable[[int, int], bytes | Awaitable[bytes]]:
         """What reads region `index`, decided once: a BAR's own handler, where muser

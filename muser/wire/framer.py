@@ -94,17 +94,14 @@ def encode_header(
 class Framer:
     """Split a vfio-user byte stream into frames, without doing any I/O."""
 
-    __slots__ = ("_buffer", "_pending_fds", "max_message_size")
+    __slots__ = ("_buffer", "_pending_fds", "buffered", "max_message_size")
 
     def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
         self._buffer = bytearray()
+        self.buffered = 0
+        """Bytes of an incomplete message held so far (read only)."""
         self._pending_fds: list[int] = []
-
-    @property
-    def buffered(self) -> int:
-        """Bytes of an incomplete message held so far."""
-        return len(self._buffer)
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Frame]:
         """Take what one receive returned; return the messages it completed.
@@ -156,6 +153,7 @@ class Framer:
             self._buffer = bytearray(source[position:])
         elif not held:
             self._buffer = bytearray(source)
+        self.buffered = len(self._buffer)
         if fds:
             self._attribute_fds(fds, frames, fds_owner, to_pending=fds_to_pending)
         return frames
@@ -192,3 +190,4 @@ class Framer:
         close_fds(self._pending_fds)
         self._pending_fds = []
         self._buffer = bytearray()
+        self.buffered = 0

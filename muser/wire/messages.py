@@ -233,6 +233,8 @@ class RegionData(Layout):
 
 
 HEADER_CODEC = joined_codec(Header)
+ACCESS_CODEC = joined_codec(RegionAccess)
+"""RegionAccess, and the fixed start of RegionData, in one struct call."""
 ACCESS_MESSAGE = joined_codec(Header, RegionAccess)
 """A whole REGION_READ request or REGION_WRITE reply, and the first 32 bytes of a
 REGION_READ reply or REGION_WRITE request (RegionData starts as RegionAccess)."""

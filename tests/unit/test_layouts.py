@@ -15,6 +15,7 @@ from muser.wire import Framer
 from muser.wire.constants import Command, FeatureFlag
 from muser.wire.layout import Layout, joined_codec
 from muser.wire.messages import (
+    ACCESS_CODEC,
     ACCESS_MESSAGE,
     FEATURE_DATA,
     HEADER_CODEC,
@@ -77,6 +78,7 @@ def test_whole_message_codecs_agree_with_the_declarations(
 ) -> None:
     """The fast lane's one-call codecs are the header and access layouts back to back."""
     assert HEADER_CODEC.pack(*header) == Header(*header).build()
+    assert ACCESS_CODEC.pack(*access) == RegionAccess(*access).build()
     whole = Header(*header).build() + RegionAccess(*access).build()
     assert ACCESS_MESSAGE.pack(*header, *access) == whole
     assert ACCESS_MESSAGE.unpack_from(whole + data) == (*header, *access)
