@@ -523,12 +523,13 @@ class DmaSpace:
     def view(self, address: int, length: int, *, write: bool = False) -> DmaView:
         """A zero-copy view of guest memory in one mmapped window; holding it (with
         `with` or `async with`) delays an unmap of that window until it is let go."""
-        segments = self.translate(address, length, write=write)
-        if len(segments) != 1 or segments[0].window.view is None:
+        window = self._direct_window(address, length, write)
+        if window is None or window.view is None or not length:
+            self.translate(address, length, write=write)  # EFAULT, EPERM or EBUSY if it says so
             raise VfioUserError(
                 errno.EFAULT, f"{address:#x}+{length:#x} is not in one mmapped window"
             )
-        return DmaView(self, segments[0], write)
+        return DmaView(self, window, address, length, write)
 
     # Dirty-page logging
 
@@ -578,19 +579,30 @@ class DmaView:
     """A held zero-copy view; use with `with` or `async with`. The memoryview is
     released when the block ends, so it can't outlive the window it points into."""
 
-    def __init__(self, space: DmaSpace, segment: DmaSegment, write: bool) -> None:
+    __slots__ = ("_address", "_length", "_space", "_views", "_window", "_write")
+
+    def __init__(
+        self, space: DmaSpace, window: DmaWindow, address: int, length: int, write: bool
+    ) -> None:
         self._space = space
-        self._segment = segment
+        self._window = window
+        self._address = address
+        self._length = length
         self._write = write
-        self._views: list[memoryview] = []
+        self._views: tuple[memoryview, ...] = ()
 
     def __enter__(self) -> memoryview:
-        window = self._segment.window
+        window = self._window
         assert window.view is not None
         window.hold()
-        view = window.view[self._segment.start : self._segment.start + self._segment.length]
-        self._views = [view] if self._write else [view, view.toreadonly()]
-        return self._views[-1]
+        start = self._address - window.address
+        view = window.view[start : start + self._length]
+        if self._write:
+            self._views = (view,)
+            return view
+        readonly = view.toreadonly()
+        self._views = (view, readonly)
+        return readonly
 
     def __exit__(
         self,
@@ -600,10 +612,10 @@ class DmaView:
     ) -> None:
         for view in reversed(self._views):
             view.release()
-        self._views = []
+        self._views = ()
         if self._write:
-            self._space._mark_dirty(self._segment.address, self._segment.length)
-        self._segment.window.release()
+            self._space._mark_dirty(self._address, self._length)
+        self._window.release()
 
     async def __aenter__(self) -> memoryview:
         return self.__enter__()
