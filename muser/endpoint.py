@@ -20,7 +20,15 @@ import structlog
 from muser.errors import ConnectionClosedError, VfioUserError
 from muser.transport import FdTransport
 from muser.wire import Frame, Framer, FramingError, encode_header
-from muser.wire.constants import FLAGS_COMMAND, FLAGS_POSTED_COMMAND, Command
+from muser.wire.constants import (
+    FLAGS_COMMAND,
+    FLAGS_POSTED_COMMAND,
+    FLAGS_REPLY,
+    HEADER_SIZE,
+    MESSAGE_TYPE_MASK,
+    Command,
+)
+from muser.wire.messages import HEADER_CODEC
 
 _MSG_ID_MODULUS = 1 << 16
 
@@ -81,6 +89,22 @@ class Endpoint:
     # Transport callbacks
 
     def data_received(self, data: bytes, fds: list[int]) -> None:
+        framer = self._framer
+        if (
+            not fds
+            and not framer.buffered
+            and len(data) >= HEADER_SIZE
+            and not self._debug
+            and self._recorder is None
+        ):
+            # One whole reply, as each of ours comes: matched without the framer.
+            msg_id, command, size, flags, error = HEADER_CODEC.unpack_from(data)
+            if (
+                size == len(data) <= framer.max_message_size
+                and flags & MESSAGE_TYPE_MASK == FLAGS_REPLY
+            ):
+                self._reply_received(Frame(msg_id, command, flags, error, data[HEADER_SIZE:]))
+                return
         try:
             frames = self._framer.feed(data, fds)
             broken: FramingError | None = None
