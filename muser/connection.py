@@ -234,7 +234,7 @@ class ServerConnection(Endpoint):
         fixed, pack, unpack = ACCESS_MESSAGE.size, ACCESS_MESSAGE.pack, ACCESS_MESSAGE.unpack_from
         transport = self.transport
         limit, max_count, region_sizes, readers, write = self._lane
-        while end - position >= fixed and not self._busy:
+        while end - position >= fixed and not self._busy and not transport.closed:
             msg_id, command, size, flags, _error, offset, region, count = unpack(data, position)
             if (
                 size > end - position

@@ -98,12 +98,9 @@ class FdTransport:
         self._drained: asyncio.Event | None = None
         self._reading = False
         self._closing = False
-        self._closed = False
+        self.closed = False
+        """Whether the socket is closed (read only)."""
         self.resume_reading()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def peer_pid(self) -> int | None:
         """The connecting process, from SO_PEERCRED (Linux)."""
@@ -114,12 +111,12 @@ class FdTransport:
         return int.from_bytes(creds[:4], "little")
 
     def pause_reading(self) -> None:
-        if self._reading and not self._closed:
+        if self._reading and not self.closed:
             self._loop.remove_reader(self._fd)
             self._reading = False
 
     def resume_reading(self) -> None:
-        if not self._reading and not self._closed:
+        if not self._reading and not self.closed:
             self._loop.add_reader(self._fd, self._on_readable)
             self._reading = True
 
@@ -148,7 +145,7 @@ class FdTransport:
         Never blocks: what the socket does not take now is queued (fds duplicated,
         so the caller may close its own copies at once) and sent when it can.
         """
-        if self._closed or self._closing:
+        if self.closed or self._closing:
             raise ConnectionClosedError("connection is closed")
         if not self._writes:
             try:
@@ -177,7 +174,7 @@ class FdTransport:
     def send_message(self, message: bytes) -> None:
         """`send` of one buffer without fds, for the server's fast lane: a connection
         that is closed or closing drops it, as a reply to a client that is gone."""
-        if self._closed or self._closing:
+        if self.closed or self._closing:
             return
         if self._writes:
             self.send((message,))
@@ -218,14 +215,14 @@ class FdTransport:
 
     def _wake_drain(self) -> None:
         if self._drained is not None and (
-            self.write_buffer_size <= WRITE_LOW_WATER or self._closed
+            self.write_buffer_size <= WRITE_LOW_WATER or self.closed
         ):
             self._drained.set()
             self._drained = None
 
     async def drain(self) -> None:
         """Wait while more than the high-water mark is queued for the peer."""
-        if self.write_buffer_size <= WRITE_HIGH_WATER or self._closed:
+        if self.write_buffer_size <= WRITE_HIGH_WATER or self.closed:
             return
         if self._drained is None:
             self._drained = asyncio.Event()
@@ -243,9 +240,9 @@ class FdTransport:
             self._abort(None)
 
     def _abort(self, exc: BaseException | None) -> None:
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
         if self._reading:
             self._loop.remove_reader(self._fd)
             self._reading = False
