@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import structlog
@@ -175,6 +175,20 @@ class Series:
             p50_us=percentile(ordered, 50) / 1000,
             p99_us=percentile(ordered, 99) / 1000,
         )
+
+
+async def run_interleaved(
+    series: dict[str, Series], warm_up: int, repetitions: int, round_trips: int
+) -> dict[str, dict[str, Any]]:
+    """Warm every series up, then run their repetitions in turn, so that noise on a
+    shared machine hits them alike; return each one's result as a dict."""
+    for one in series.values():
+        for _ in range(warm_up):
+            await one.round_trip()
+    for _ in range(repetitions):
+        for one in series.values():
+            await one.run(round_trips)
+    return {name: asdict(one.result()) for name, one in series.items()}
 
 
 class RawRequester:

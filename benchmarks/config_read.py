@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-from dataclasses import asdict
 from typing import Any
 
 from common import (
@@ -49,6 +48,7 @@ from common import (
     print_machine,
     raw_session,
     region_read_request,
+    run_interleaved,
     run_per_loop,
 )
 
@@ -141,13 +141,7 @@ async def bench_loop(
         await check_reads(every, device, memory)
         every.update({name: baseline.round_trip for name, baseline in baselines.items()})
         series = {name: Series(every[name]) for name in BENCHMARKS}
-        for one in series.values():
-            for _ in range(warm_up):
-                await one.round_trip()
-        for _ in range(repetitions):
-            for one in series.values():
-                await one.run(round_trips)
-    results = {name: asdict(one.result()) for name, one in series.items()}
+        results = await run_interleaved(series, warm_up, repetitions, round_trips)
     return {
         "loop": f"{type(loop).__module__}.{type(loop).__qualname__}",
         **results,

@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import functools
 import os
-from dataclasses import asdict
 from typing import Any
 
 from common import (
@@ -43,6 +42,7 @@ from common import (
     print_machine,
     raw_session,
     region_read_request,
+    run_interleaved,
     run_per_loop,
 )
 
@@ -96,13 +96,7 @@ async def bench_loop(
             "muser": Series(raw_read),
             "muser_client": Series(read),
         }
-        for one in series.values():
-            for _ in range(warm_up):
-                await one.round_trip()
-        for _ in range(repetitions):
-            for one in series.values():
-                await one.run(round_trips)
-    results = {name: asdict(one.result()) for name, one in series.items()}
+        results = await run_interleaved(series, warm_up, repetitions, round_trips)
     rate = {name: result["round_trips_per_s"] for name, result in results.items()}
     return {
         "loop": f"{type(loop).__module__}.{type(loop).__qualname__}",
