@@ -75,6 +75,8 @@ class Client(Endpoint):
         max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
         dma_layout: DmaLayout = DmaLayout.SPEC,
     ) -> None:
+        if dma_layout is DmaLayout.AUTO:
+            raise ValueError("a client speaks one DMA layout: SPEC or QEMU")
         super().__init__(
             sock,
             max_message_size=max_data_xfer_size + MESSAGE_OVERHEAD,

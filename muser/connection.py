@@ -859,42 +859,89 @@ class ServerConnection(Endpoint):
         return outcome
 
 
+def _write_answered(payload: bytes, address: int, count: int, *, qemu: bool) -> bool:
+    """Whether a DMA_WRITE reply answers its request: QEMU's is header-only; the
+    spec's echoes address and count, the count a u32 in its text, a u64 in
+    libvfio-user's."""
+    if qemu:
+        return not payload
+    return (
+        len(payload) in (12, 16)
+        and int.from_bytes(payload[:8], "little") == address
+        and int.from_bytes(payload[8:], "little") == count
+    )
+
+
 class DmaMessenger:
     """DMA_READ/DMA_WRITE to the client, for windows it mapped without an fd, in the
-    layout this connection speaks."""
+    layout this connection speaks (found out from the client first, for AUTO)."""
 
     def __init__(self, connection: ServerConnection) -> None:
         self.connection = connection
         peer = connection.peer
         assert peer is not None
         self.max_transfer = min(peer.max_data_xfer_size, connection.max_data_xfer_size)
-        self._qemu = connection.dma_layout is DmaLayout.QEMU
+        self.layout = connection.dma_layout
+        """The layout spoken; AUTO until the client has been asked."""
+        self._asking = asyncio.Lock()
 
     def in_handler(self) -> bool:
         return self.connection.in_handler()
 
+    async def _qemu_layout(self, address: int) -> bool:
+        """Whether this client speaks QEMU's layout. For AUTO, ask once: a DMA_WRITE
+        of no bytes at `address` (the transfer's own, so a client that checks it finds
+        it mapped) is the one message both layouts read alike, and QEMU answers it
+        with a bare header where a client of the spec echoes address and count."""
+        if self.layout is DmaLayout.AUTO:
+            async with self._asking:
+                if self.layout is DmaLayout.AUTO:
+                    probe = DmaData(address, 0, b"").build()
+                    reply = await self.connection.request(Command.DMA_WRITE, probe)
+                    reply.close_fds()
+                    self.layout = DmaLayout.SPEC if reply.payload else DmaLayout.QEMU
+                    self.connection.log.info("client's DMA layout", layout=self.layout.value)
+        return self.layout is DmaLayout.QEMU
+
     async def read(self, address: int, count: int) -> bytes:
+        qemu = await self._qemu_layout(address)
         request = DmaAccess(address, count).build()
         reply = await self.connection.request(Command.DMA_READ, request)
         reply.close_fds()
-        if self._qemu:
-            qemu = DmaDataQemu.parse(reply.payload)
-            got_address, got_count, data = qemu.address, qemu.count, qemu.data[: qemu.count]
+        if qemu:
+            answer = DmaDataQemu.parse(reply.payload)
+            got_address, got_count, data = answer.address, answer.count, answer.data[:count]
         else:
             spec = DmaData.parse(reply.payload)
             got_address, got_count, data = spec.address, spec.count, spec.data
         if (got_address, got_count, len(data)) != (address, count, count):
-            raise VfioUserError(
-                errno.EIO,
-                f"DMA_READ of {count} bytes at {address:#x} answered "
-                f"with {len(data)} bytes at {got_address:#x}",
-            )
+            raise self._misread("DMA_READ", address, count, len(data))
         return data
 
     async def write(self, address: int, data: bytes) -> None:
-        if self._qemu:
+        qemu = await self._qemu_layout(address)
+        if qemu:
             request = DmaDataQemu(address, len(data), data + bytes(4)).build()
         else:
             request = DmaData(address, len(data), data).build()
         reply = await self.connection.request(Command.DMA_WRITE, request)
         reply.close_fds()
+        if not _write_answered(reply.payload, address, len(data), qemu=qemu):
+            raise self._misread("DMA_WRITE", address, len(data), len(reply.payload))
+
+    def _misread(self, command: str, address: int, count: int, got: int) -> VfioUserError:
+        """A reply that does not answer the request, as when the client speaks the other
+        layout than the one set: logged, since device code may swallow the error."""
+        self.connection.log.error(
+            "DMA reply does not match its request",
+            command=command,
+            address=hex(address),
+            count=count,
+            reply_bytes=got,
+            layout=self.layout.value,
+        )
+        return VfioUserError(
+            errno.EIO,
+            f"{command} of {count} bytes at {address:#x} answered with {got} bytes "
+            f"that do not match it (the client's DMA layout is not {self.layout.value}?)",
+        )

@@ -95,7 +95,8 @@ def qemu_hint(path: str) -> str:
         f'"path":"{path}"}}}}\'\n'
         "  and share guest RAM so DMA is direct: -object memory-backend-memfd,id=mem,"
         "size=<RAM>,share=on -machine memory-backend=mem\n"
-        "  (memory QEMU does not share is reached by messages: run with --dma-layout qemu)"
+        "  (memory QEMU does not share is reached by messages, in QEMU's layout, which\n"
+        "  muser finds out by itself; --dma-layout qemu saves it asking)"
     )
 
 
@@ -190,10 +191,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     parser.add_argument(
         "--dma-layout",
-        default=DmaLayout.SPEC.value,
+        default=DmaLayout.AUTO.value,
         choices=[layout.value for layout in DmaLayout],
-        help="DMA_READ/DMA_WRITE layout: qemu for QEMU's vfio-user-pci, whose layout "
-        "differs from the spec (only used for guest memory that is not shared)",
+        help="DMA_READ/DMA_WRITE layout (only used for guest memory that is not shared): "
+        "auto asks each client, qemu is QEMU's vfio-user-pci, whose layout differs from "
+        "the spec's",
     )
     parser.add_argument(
         "--trace",

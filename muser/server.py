@@ -116,7 +116,7 @@ class Server:
         *,
         sock: socket.socket | None = None,
         max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
-        dma_layout: DmaLayout = DmaLayout.SPEC,
+        dma_layout: DmaLayout = DmaLayout.AUTO,
         handler_timeout: float | None = DEFAULT_HANDLER_TIMEOUT,
         mode: int = 0o600,
         allowed_uids: Iterable[int] | None = None,
@@ -128,7 +128,7 @@ class Server:
         """Where clients connect; for a given socket, its bound name ("" if unnamed)."""
         self.max_data_xfer_size = max_data_xfer_size
         self.dma_layout = dma_layout
-        """How DMA_READ/DMA_WRITE are laid out; DmaLayout.QEMU for QEMU's client."""
+        """How DMA_READ/DMA_WRITE are laid out: asked of each client (AUTO), or fixed."""
         self.handler_timeout = handler_timeout
         """Seconds an awaiting handler may take before the client gets ETIMEDOUT
         (under QEMU's own 5 s); None waits forever."""

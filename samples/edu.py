@@ -28,7 +28,11 @@ import math
 from collections.abc import Coroutine
 from typing import Any
 
+import structlog
+
 import muser
+
+_log = structlog.get_logger("muser_samples.edu")
 
 VENDOR_ID = 0x1234
 DEVICE_ID = 0x11E8
@@ -144,8 +148,9 @@ class Edu(muser.PciDevice):
                     await self.dma.write(ram, self.buffer[start : start + count])
                 else:
                     self.buffer[start : start + count] = await self.dma.read(ram, count)
-            except muser.VfioUserError:
-                pass  # a bad guest address: the transfer is dropped, as on the real device
+            except muser.VfioUserError as exc:
+                # A bad guest address: dropped, as on the real device, but said.
+                _log.warning("DMA transfer dropped", address=hex(ram), count=count, error=str(exc))
         self.dma_registers[DMA_COMMAND] = command & ~DMA_START
         if command & DMA_IRQ:
             self.raise_irq(DMA_IRQ_VALUE)

@@ -47,11 +47,15 @@ _KNOWN_MAP_FLAGS = int(DmaMapFlag.READ | DmaMapFlag.WRITE | DmaMapFlag.MMAP | Dm
 class DmaLayout(Enum):
     """How DMA_READ/DMA_WRITE payloads are laid out on a connection."""
 
+    AUTO = "auto"
+    """Ask the client before the first message transfer: a DMA_WRITE of no bytes,
+    which QEMU answers header-only and a client of the spec with address and count,
+    then speak what it speaks. A server's default."""
     SPEC = "spec"
     """address u64, count u64, data at 16: the spec and libvfio-user."""
     QEMU = "qemu"
     """QEMU 10.x: a u32 count and data at offset 12, 4 pad bytes after it, and a
-    header-only DMA_WRITE reply (protocol.md §9 row 1). Choose it for QEMU."""
+    header-only DMA_WRITE reply (protocol.md §9 row 1)."""
 
 
 class DmaDeadlockError(RuntimeError):

@@ -7,10 +7,12 @@ import asyncio
 import errno
 import mmap
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import structlog
 
 import muser
 from muser import Bar, Client, Server, VfioUserError
@@ -318,25 +320,73 @@ async def test_max_dma_maps_is_advertised(client: Client) -> None:
 
 
 class TestMessageDma:
-    @pytest.mark.parametrize("layout", [DmaLayout.SPEC, DmaLayout.QEMU])
+    @pytest.mark.parametrize(
+        ("server_layout", "client_layout"),
+        [
+            (DmaLayout.SPEC, DmaLayout.SPEC),
+            (DmaLayout.QEMU, DmaLayout.QEMU),
+            (DmaLayout.AUTO, DmaLayout.SPEC),
+            (DmaLayout.AUTO, DmaLayout.QEMU),
+        ],
+        ids=lambda layout: layout.value,
+    )
     async def test_large_transfers_in_chunks(
-        self, device: DmaDevice, sock_path: str, layout: DmaLayout
+        self,
+        device: DmaDevice,
+        sock_path: str,
+        server_layout: DmaLayout,
+        client_layout: DmaLayout,
     ) -> None:
         memory = bytearray(os.urandom(0x40000))
         async with (
-            Server(device, sock_path, dma_layout=layout),
+            Server(device, sock_path, dma_layout=server_layout),
             await Client.connect(
-                sock_path, max_data_xfer_size=0x4000, dma_layout=layout
+                sock_path, max_data_xfer_size=0x4000, dma_layout=client_layout
             ) as client,
         ):
             await client.dma_map(0x100000, 0x40000, backing=memory)
-            assert await device.dma.read(0x100000, 0x40000) == memory
-            data = os.urandom(0x30000 + 123)
-            await device.dma.write(0x100100, data)
+            with structlog.testing.capture_logs() as logs:
+                assert await device.dma.read(0x100000, 0x40000) == memory
+                data = bytes(4) + os.urandom(0x30000 + 123)  # zeros first: no layout hides
+                await device.dma.write(0x100100, data)
             assert memory[0x100 : 0x100 + len(data)] == data
+            asked = [log["layout"] for log in logs if log["event"] == "client's DMA layout"]
+            assert asked == ([client_layout.value] if server_layout is DmaLayout.AUTO else [])
             with pytest.raises(VfioUserError) as caught:
                 device.dma.read_direct(0x100000, 4)
             assert caught.value.errno == errno.EFAULT
+
+    @pytest.mark.parametrize(
+        ("layout", "reply"),
+        [(DmaLayout.SPEC, b""), (DmaLayout.QEMU, struct.pack("<QQ", 0x100000, 64))],
+        ids=["spec-answered-as-qemu", "qemu-answered-as-spec"],
+    )
+    async def test_a_write_in_the_wrong_layout_is_reported(
+        self, device: DmaDevice, sock_path: str, layout: DmaLayout, reply: bytes
+    ) -> None:
+        """A client that takes a DMA_WRITE in either layout without complaint, as QEMU
+        does, still answers in its own: the mismatch reaches the device as EIO and
+        the log as an error, instead of passing unseen."""
+        async with Server(device, sock_path, dma_layout=layout):
+            peer = await RawPeer.connect(sock_path)
+            await peer.negotiate()
+            peer.send(message(1, Command.DMA_MAP, DmaMap(32, 3, 0, 0x100000, 0x1000).build()))
+            assert (await peer.receive())[0].flags == 1
+            with structlog.testing.capture_logs() as logs:
+                write = asyncio.create_task(device.dma.write(0x100000, b"\1" * 64))
+                request, _payload = await peer.receive()
+                assert request.command == Command.DMA_WRITE
+                peer.send(message(request.msg_id, Command.DMA_WRITE, reply, flags=1))
+                with pytest.raises(VfioUserError) as caught:
+                    await write
+            assert caught.value.errno == errno.EIO
+            assert [log["command"] for log in logs if log["log_level"] == "error"] == ["DMA_WRITE"]
+            peer.close()
+
+    async def test_a_client_speaks_one_layout(self) -> None:
+        ours, theirs = socket.socketpair()
+        with ours, theirs, pytest.raises(ValueError, match="one DMA layout"):
+            Client(ours, dma_layout=DmaLayout.AUTO)
 
     async def test_mismatched_layout_is_detected(self, device: DmaDevice, sock_path: str) -> None:
         memory = bytearray(b"\xff" * 0x1000)
