@@ -1,7 +1,8 @@
 """Serve a device on a UNIX socket, one client at a time.
 
-Given a path, the socket file is created with mode 0600 before `listen`, so nobody
-can connect while it is briefly more open. A stale socket file left by a dead
+Given a path, the socket file appears only once it listens, with mode 0600
+already set: a client that waits for the file can connect at once, and nobody can
+connect while it is more open. A stale socket file left by a dead
 server is replaced; a live server's is not. While a client is attached, further
 clients wait in the listen backlog and are accepted once it leaves (as
 libvfio-user does), so a quick reconnect after a disconnect never races the old
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import secrets
 import socket
 import stat
 import struct
@@ -31,6 +33,8 @@ from muser.endpoint import WireRecorder
 from muser.wire.constants import DEFAULT_MAX_DATA_XFER_SIZE
 
 LISTEN_BACKLOG = 8
+_MAX_SOCKET_PATH = 107
+"""Bytes of a UNIX socket path (sun_path holds 108, with its NUL)."""
 DEFAULT_HANDLER_TIMEOUT = 4.5
 """Below QEMU's 5 s reply timeout, so QEMU hears ETIMEDOUT rather than nothing."""
 
@@ -58,33 +62,66 @@ def socket_path(sock: socket.socket) -> str:
 
 
 def bind_unix_socket(path: str, mode: int = 0o600) -> tuple[socket.socket, tuple[int, int]]:
-    """A listening socket at `path` with permissions `mode` set before anyone can
-    connect, and the (device, inode) of its file."""
+    """A listening socket at `path`, and the (device, inode) of its file.
+
+    The socket is bound under a staging name beside `path`, given `mode`, made to
+    listen, and only then linked to `path`: a client that waits for the file to
+    appear (as scripts starting QEMU do) never finds it refusing connections, and
+    nobody can connect while it is more open than `mode`. Only a path so near
+    the 107-byte limit that no staging name beside it fits is bound in place.
+    """
+    staging = _staging_name(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
+        if staging is None:
+            _clear_stale(path)
+        sock.bind(staging or path)
         try:
-            sock.bind(path)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise FileExistsError(
-                    errno.EEXIST, "not a socket; refusing to replace it", path
-                ) from None
-            if _socket_is_live(path):
-                raise OSError(
-                    errno.EADDRINUSE, "another live server owns this socket", path
-                ) from None
-            os.unlink(path)
-            sock.bind(path)
-        os.chmod(path, mode)
-        info = os.stat(path)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
+            os.chmod(staging or path, mode)
+            info = os.stat(staging or path)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+            if staging is not None:
+                _publish(staging, path)
+        finally:
+            if staging is not None:
+                os.unlink(staging)
     except BaseException:
         sock.close()
         raise
     return sock, (info.st_dev, info.st_ino)
+
+
+def _staging_name(path: str) -> str | None:
+    directory, name = os.path.split(path)
+    for staging in (f".{name[:8]}-{secrets.token_hex(4)}", f".{secrets.token_hex(3)}"):
+        candidate = os.path.join(directory, staging)
+        if len(os.fsencode(candidate)) <= _MAX_SOCKET_PATH:
+            return candidate
+    return None
+
+
+def _publish(staging: str, path: str) -> None:
+    """Name the listening socket `path` with a hard link, which never replaces a file."""
+    try:
+        os.link(staging, path)
+    except FileExistsError:
+        _clear_stale(path)
+        os.link(staging, path)
+
+
+def _clear_stale(path: str) -> None:
+    """Remove a socket file a dead server left at `path`; refuse a live server's
+    socket, or anything that is not a socket."""
+    try:
+        file_mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(file_mode):
+        raise FileExistsError(errno.EEXIST, "not a socket; refusing to replace it", path)
+    if _socket_is_live(path):
+        raise OSError(errno.EADDRINUSE, "another live server owns this socket", path)
+    os.unlink(path)
 
 
 def _where(path: str | os.PathLike[str] | None, sock: socket.socket | None) -> str:

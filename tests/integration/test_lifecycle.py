@@ -29,6 +29,36 @@ async def test_socket_file_mode_and_removal(device: RecordingDevice, sock_path: 
     assert not server.is_serving()
 
 
+@pytest.mark.parametrize("name_length", [8, 1], ids=["staged", "too long to stage"])
+def test_socket_file_appears_listening(
+    sock_dir: str, monkeypatch: pytest.MonkeyPatch, name_length: int
+) -> None:
+    """The file at the path is a listening socket from the moment it exists, so a
+    client that waits for it never finds it refusing connections; only a path too
+    near the 107-byte limit for a staging name beside it is bound in place."""
+    directory = os.path.join(sock_dir, "d" * (107 - len(sock_dir) - name_length - 2))
+    os.mkdir(directory)
+    path = os.path.join(directory, "s" * name_length)
+    link = os.link
+    linked = []
+
+    def checked_link(staging: str, target: str) -> None:
+        assert target == path
+        assert not os.path.exists(path)
+        assert stat.S_IMODE(os.stat(staging).st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.connect(staging)  # refused unless the socket already listens
+        link(staging, target)
+        linked.append(staging)
+
+    monkeypatch.setattr(os, "link", checked_link)
+    sock, _identity = muser.server.bind_unix_socket(path)
+    with sock:
+        assert os.listdir(directory) == [os.path.basename(path)], "staging name removed"
+        assert muser.server.is_listening(sock)
+    assert len(linked) == (1 if name_length == 8 else 0)
+
+
 async def test_refuses_a_live_servers_socket(server: Server) -> None:
     with pytest.raises(OSError, match="another live server"):
         await Server(RecordingDevice(), server.path).start_serving()
