@@ -46,7 +46,7 @@ class Row:
     baseline: float
     ratio: float
     latencies: dict[str, float | None] = field(default_factory=dict)
-    """p50/p99 columns, in µs, by column name."""
+    """Further columns by name: p50/p99 in µs, and memory where a script measures it."""
 
 
 @dataclass
@@ -261,7 +261,14 @@ def scale(report: dict[str, Any]) -> list[Figure]:
                     muser["median_us"],
                     baseline["median_us"],
                     result["setup/baseline"],
-                    {"muser p99 µs": muser["p99_us"], "baseline p99 µs": baseline["p99_us"]},
+                    {
+                        "muser p99 µs": muser["p99_us"],
+                        "baseline p99 µs": baseline["p99_us"],
+                        "RSS KiB per served device": result["rss_servers_kib_per_device"][
+                            "median"
+                        ],
+                        "RSS KiB per device + its client": result["rss_kib_per_device"]["median"],
+                    },
                 )
             )
             reads.rows.append(
