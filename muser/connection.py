@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import inspect
 import socket
 from collections import deque
@@ -246,6 +247,7 @@ class ServerConnection(Endpoint):
                 or transport.write_buffer_size > WRITE_HIGH_WATER
             ):
                 break
+            self._busy = True  # as in _run_queue: a shutdown the handler asks for waits
             if command == _REGION_READ and size == fixed:
                 try:
                     result = readers[region](offset, count)
@@ -274,8 +276,15 @@ class ServerConnection(Endpoint):
                         head = pack(msg_id, command, fixed, FLAGS_REPLY, 0, offset, region, count)
                         transport.send_message(head)
             else:
+                self._busy = False
                 break
             position += size
+            if self._handler_task is not None:
+                break  # an awaiting handler holds the queue until it is answered
+            self._busy = False
+            if self._shutting_down:
+                self.transport.close_when_sent()
+                break
         if position < end:
             super().data_received(data[position:] if position else data, fds)
 
@@ -521,11 +530,17 @@ class ServerConnection(Endpoint):
         self._closing = False
         self._fast_lane = not self._debug and self._recorder is None
         device = self.device
+        readers = device.region_readers
+        if type(device).read_region is not PciDevice.read_region:
+            # A subclass that overrides read_region is asked through it, as in general.
+            readers = tuple(
+                functools.partial(device.read_region, index) for index in range(len(readers))
+            )
         self._lane = (
             self._framer.max_message_size,
             self.max_data_xfer_size,
             device.region_sizes,
-            device.region_readers,
+            readers,
             device.write_region,
         )
         self.log.info(
@@ -891,15 +906,17 @@ class DmaMessenger:
     async def _qemu_layout(self, address: int) -> bool:
         """Whether this client speaks QEMU's layout. For AUTO, ask once: a DMA_WRITE
         of no bytes at `address` (the transfer's own, so a client that checks it finds
-        it mapped) is the one message both layouts read alike, and QEMU answers it
-        with a bare header where a client of the spec echoes address and count."""
+        it mapped) is the one message both layouts read alike. QEMU answers it with a
+        bare header; a client of the spec echoes address and count, or, if it refuses
+        empty or read-only writes, an error, which QEMU never sends for it."""
         if self.layout is DmaLayout.AUTO:
             async with self._asking:
                 if self.layout is DmaLayout.AUTO:
                     probe = DmaData(address, 0, b"").build()
-                    reply = await self.connection.request(Command.DMA_WRITE, probe)
+                    reply = await self.connection.exchange(Command.DMA_WRITE, probe)
                     reply.close_fds()
-                    self.layout = DmaLayout.SPEC if reply.payload else DmaLayout.QEMU
+                    qemu = not reply.is_error and not reply.payload
+                    self.layout = DmaLayout.QEMU if qemu else DmaLayout.SPEC
                     self.connection.log.info("client's DMA layout", layout=self.layout.value)
         return self.layout is DmaLayout.QEMU
 

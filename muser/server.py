@@ -70,6 +70,8 @@ def bind_unix_socket(path: str, mode: int = 0o600) -> tuple[socket.socket, tuple
     nobody can connect while it is more open than `mode`. Only a path so near
     the 107-byte limit that no staging name beside it fits is bound in place.
     """
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise OSError(errno.ENAMETOOLONG, "a UNIX socket path holds at most 107 bytes", path)
     staging = _staging_name(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:

@@ -293,10 +293,12 @@ class ConfigSpace:
                 old = self._data[position]
                 self._data[position] = ((old & ~writable) | (value & writable)) & ~(value & clears)
         reset = False
-        for capability, base, before in touched:
-            if isinstance(capability, Capability):
-                reset |= capability.after_write(self, base, before, offset, data)
-        self._changed()
+        try:
+            for capability, base, before in touched:
+                if isinstance(capability, Capability):
+                    reset |= capability.after_write(self, base, before, offset, data)
+        finally:
+            self._changed()  # the bytes changed even if a capability's rule failed
         return reset
 
     def _overlapping(self, offset: int, count: int) -> Iterator[tuple[AnyCapability, int]]:

@@ -18,7 +18,13 @@ import muser
 from muser import Bar, Client, Server, VfioUserError
 from muser.device.dma import DmaDeadlockError, DmaLayout
 from muser.wire.constants import Command, DmaMapFlag, FeatureFlag
-from muser.wire.messages import DmaLoggingRange, DmaLoggingReport, DmaLoggingStart, DmaMap
+from muser.wire.messages import (
+    DmaLoggingRange,
+    DmaLoggingReport,
+    DmaLoggingStart,
+    DmaMap,
+    Header,
+)
 from tests.helpers import RawPeer, message, open_fds
 
 RW = DmaMapFlag.READ | DmaMapFlag.WRITE
@@ -381,6 +387,27 @@ class TestMessageDma:
                     await write
             assert caught.value.errno == errno.EIO
             assert [log["command"] for log in logs if log["log_level"] == "error"] == ["DMA_WRITE"]
+            peer.close()
+
+    async def test_a_client_refusing_the_question_speaks_the_spec(
+        self, device: DmaDevice, sock_path: str
+    ) -> None:
+        """A spec client may refuse an empty or read-only DMA_WRITE; QEMU never does,
+        so an error answer to AUTO's question means the spec's layout."""
+        async with Server(device, sock_path):
+            peer = await RawPeer.connect(sock_path)
+            await peer.negotiate()
+            peer.send(message(1, Command.DMA_MAP, DmaMap(32, 1, 0, 0x100000, 0x1000).build()))
+            assert (await peer.receive())[0].flags == 1
+            read = asyncio.create_task(device.dma.read(0x100000, 4))
+            probe, payload = await peer.receive()
+            assert (probe.command, payload) == (Command.DMA_WRITE, struct.pack("<QQ", 0x100000, 0))
+            peer.send(Header(probe.msg_id, Command.DMA_WRITE, 16, 0x21, errno.EPERM).build())
+            request, _payload = await peer.receive()
+            assert request.command == Command.DMA_READ
+            answer = struct.pack("<QQ", 0x100000, 4) + b"data"
+            peer.send(message(request.msg_id, Command.DMA_READ, answer, flags=1))
+            assert await read == b"data"
             peer.close()
 
     async def test_a_client_speaks_one_layout(self) -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
 
-from muser import Server
+from muser import Bar, PciDevice, Server
 from muser.connection import ServerConnection
 from muser.wire.constants import FLAGS_REPLY, HEADER_SIZE, Command, HeaderFlag, PciRegion
 from muser.wire.messages import Header, RegionAccess, RegionData
@@ -180,3 +180,61 @@ def _offsets(replies: bytes) -> list[int]:
         starts.append(position)
         position += Header.parse(replies[position : position + HEADER_SIZE]).size
     return starts
+
+
+class PowerSwitch(PciDevice):
+    """BAR0 offset 0 is a power switch: writing it closes the server serving the
+    device; every write is logged by offset."""
+
+    def __init__(self) -> None:
+        self.server: Server | None = None
+        self.writes: list[int] = []
+        super().__init__(vendor_id=0x1234, device_id=0x0001, bars={0: Bar(4096, write=self.write)})
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.writes.append(offset)
+        if offset == 0 and self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["general", "fast"])
+async def test_a_handler_that_closes_the_server_is_still_answered(
+    sock_dir: str, traced: bool
+) -> None:
+    """As in the general path, the write that switches the device off gets its reply,
+    and a write behind it in the same send is dropped, not run."""
+    device = PowerSwitch()
+    trace = os.path.join(sock_dir, "trace.jsonl") if traced else None
+    async with Server(device, os.path.join(sock_dir, "dev.sock"), trace=trace) as server:
+        device.server = server
+        peer = await RawPeer.connect(server.path)
+        await peer.negotiate()
+        writes = [RegionData(offset, 0, 4, bytes(4)).build() for offset in (0, 8)]
+        peer.send(b"".join(message(1 + i, Command.REGION_WRITE, w) for i, w in enumerate(writes)))
+        header, _payload = await peer.receive()
+        assert (header.msg_id, header.flags) == (1, FLAGS_REPLY)
+        assert await peer.expect_closed() == b""
+        peer.close()
+        await server.wait_closed()
+    assert device.writes == [0]
+
+
+class Overriding(RecordingDevice):
+    """A subclass that answers reads of BAR0 itself."""
+
+    def read_region(self, index: int, offset: int, count: int) -> bytes | Awaitable[bytes]:
+        if index == PciRegion.BAR0:
+            return b"\xab" * count
+        return super().read_region(index, offset, count)
+
+
+async def test_an_overridden_read_region_is_honoured(sock_dir: str) -> None:
+    device = Overriding()
+    async with Server(device, os.path.join(sock_dir, "dev.sock")) as server:
+        peer = await RawPeer.connect(server.path)
+        await peer.negotiate()
+        for region, expected in ((PciRegion.BAR0, b"\xab" * 4), (PciRegion.CONFIG, b"\xf4\x1a")):
+            read = RegionAccess(0, region, len(expected)).build()
+            peer.send(message(7, Command.REGION_READ, read))
+            assert (await peer.receive())[1][16:] == expected
+        peer.close()

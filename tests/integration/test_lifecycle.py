@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import stat
@@ -57,6 +58,14 @@ def test_socket_file_appears_listening(
         assert os.listdir(directory) == [os.path.basename(path)], "staging name removed"
         assert muser.server.is_listening(sock)
     assert len(linked) == (1 if name_length == 8 else 0)
+
+
+def test_refuses_a_path_too_long_for_a_unix_socket(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "s" * (108 - len(sock_dir)))
+    with pytest.raises(OSError, match="at most 107 bytes") as caught:
+        muser.server.bind_unix_socket(path)
+    assert caught.value.errno == errno.ENAMETOOLONG
+    assert os.listdir(sock_dir) == []
 
 
 async def test_refuses_a_live_servers_socket(server: Server) -> None:
