@@ -82,6 +82,26 @@ def add_common_arguments(
     parser.add_argument("--pin", type=int, metavar="CPU", help=pin_help)
 
 
+def parse_count_arguments(
+    doc: str, counts: dict[str, tuple[int, str]], repetitions: int = 5
+) -> argparse.Namespace:
+    """The command line of a script whose settings are counts: `--NAME N` for each
+    count (its default and help), `--repetitions`, and the common options, all
+    checked, every count and the repetitions at least 1."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, (default, help_text) in counts.items():
+        parser.add_argument(f"--{name}", type=int, default=default, help=help_text)
+    parser.add_argument("--repetitions", type=int, default=repetitions)
+    add_common_arguments(parser)
+    args = parser.parse_args()
+    check_common_arguments(parser, args)
+    names = [*counts, "repetitions"]
+    if min(getattr(args, name.replace("-", "_")) for name in names) < 1:
+        options = ", ".join(f"--{name}" for name in names[:-1])
+        parser.error(f"{options} and --repetitions must be at least 1")
+    return args
+
+
 def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Splits --loops into names and checks them and --pin, or exits with a usage error."""
     args.loops = args.loops.split(",")

@@ -32,7 +32,6 @@ config 256/baseline 256 and config 256/config.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -43,8 +42,7 @@ from common import (
     RawRequester,
     RoundTrip,
     Series,
-    add_common_arguments,
-    check_common_arguments,
+    parse_count_arguments,
     print_machine,
     raw_session,
     region_read_request,
@@ -188,20 +186,8 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"total time: {report['elapsed_s']:.1f} s")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--round-trips", type=int, default=10000, help="per repetition")
-    parser.add_argument("--repetitions", type=int, default=5)
-    add_common_arguments(parser)
-    args = parser.parse_args()
-    check_common_arguments(parser, args)
-    if args.round_trips < 1 or args.repetitions < 1:
-        parser.error("--round-trips and --repetitions must be at least 1")
-    return args
-
-
 def main() -> None:
-    args = parse_args()
+    args = parse_count_arguments(__doc__, {"round-trips": (10000, "per repetition")})
     settings = (
         QUICK
         if args.quick

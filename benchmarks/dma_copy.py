@@ -40,7 +40,6 @@ copies; run with MALLOC_MMAP_THRESHOLD_=131072 to measure it.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import mmap
@@ -53,8 +52,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from common import (
-    add_common_arguments,
-    check_common_arguments,
+    parse_count_arguments,
     print_machine,
     run_per_loop,
 )
@@ -426,28 +424,15 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"total time: {report['elapsed_s']:.1f} s")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--mapped-mib", type=int, default=64, help="MiB each mapped benchmark moves per repetition"
-    )
-    parser.add_argument(
-        "--message-mib",
-        type=int,
-        default=4,
-        help="MiB each message benchmark moves per repetition",
-    )
-    parser.add_argument("--repetitions", type=int, default=9)
-    add_common_arguments(parser)
-    args = parser.parse_args()
-    check_common_arguments(parser, args)
-    if args.mapped_mib < 1 or args.message_mib < 1 or args.repetitions < 1:
-        parser.error("--mapped-mib, --message-mib and --repetitions must be at least 1")
-    return args
-
-
 def main() -> None:
-    args = parse_args()
+    args = parse_count_arguments(
+        __doc__,
+        {
+            "mapped-mib": (64, "MiB each mapped benchmark moves per repetition"),
+            "message-mib": (4, "MiB each message benchmark moves per repetition"),
+        },
+        repetitions=9,
+    )
     settings = (
         QUICK
         if args.quick

@@ -35,7 +35,6 @@ doorbell's latency over the raw eventfd's.
 from __future__ import annotations
 
 import abc
-import argparse
 import asyncio
 import functools
 import os
@@ -46,8 +45,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from common import (
-    add_common_arguments,
-    check_common_arguments,
+    parse_count_arguments,
     percentile,
     print_machine,
     run_per_loop,
@@ -397,32 +395,16 @@ def format_row(loop: str, label: str, result: dict[str, Any]) -> str:
     return f"{loop:<8} {label:<20} {result['per_s']:>11,.0f} {result['spread']:>7.1%} {latencies}"
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--round-trips", type=int, default=10000, help="REGION_READs per repetition"
-    )
-    parser.add_argument(
-        "--writes", type=int, default=30000, help="posted REGION_WRITEs per repetition"
-    )
-    parser.add_argument(
-        "--batches", type=int, default=100, help=f"REGION_WRITE_MULTIs of {BATCH} per repetition"
-    )
-    parser.add_argument("--wake-ups", type=int, default=20000, help="of each kind, per repetition")
-    parser.add_argument("--repetitions", type=int, default=5)
-    add_common_arguments(parser)
-    args = parser.parse_args()
-    check_common_arguments(parser, args)
-    counts = (args.round_trips, args.writes, args.batches, args.wake_ups, args.repetitions)
-    if min(counts) < 1:
-        parser.error(
-            "--round-trips, --writes, --batches, --wake-ups and --repetitions must be at least 1"
-        )
-    return args
-
-
 def main() -> None:
-    args = parse_args()
+    args = parse_count_arguments(
+        __doc__,
+        {
+            "round-trips": (10000, "REGION_READs per repetition"),
+            "writes": (30000, "posted REGION_WRITEs per repetition"),
+            "batches": (100, f"REGION_WRITE_MULTIs of {BATCH} per repetition"),
+            "wake-ups": (20000, "of each kind, per repetition"),
+        },
+    )
     settings = (
         QUICK
         if args.quick

@@ -24,7 +24,6 @@ muser/baseline.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
@@ -34,8 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from common import (
-    add_common_arguments,
-    check_common_arguments,
+    parse_count_arguments,
     print_machine,
     run_per_loop,
 )
@@ -241,20 +239,8 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"total time: {report['elapsed_s']:.1f} s")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--triggers", type=int, default=200000, help="per repetition")
-    parser.add_argument("--repetitions", type=int, default=5)
-    add_common_arguments(parser)
-    args = parser.parse_args()
-    check_common_arguments(parser, args)
-    if args.triggers < 1 or args.repetitions < 1:
-        parser.error("--triggers and --repetitions must be at least 1")
-    return args
-
-
 def main() -> None:
-    args = parse_args()
+    args = parse_count_arguments(__doc__, {"triggers": (200000, "per repetition")})
     settings = (
         QUICK
         if args.quick
