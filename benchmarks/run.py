@@ -3,8 +3,8 @@
 Each script in benchmarks/ runs in a subprocess of its own with `--json` (and
 `--quick` and `--pin CPU` when given here); its JSON report is turned into tables,
 one per figure: muser's number, the baseline's, the ratio muser/baseline and,
-where the script reports them, p50/p99 latencies. Nothing in the tables is typed
-by hand: every number comes from a script's report.
+where the script reports them, p50/p99 latencies (and memory, for scale). Nothing
+in the tables is typed by hand: every number comes from a script's report.
 
     python benchmarks/run.py                           # every script, a few minutes
     python benchmarks/run.py --quick                   # smoke test, several seconds
@@ -45,7 +45,7 @@ class Row:
     muser: float
     baseline: float
     ratio: float
-    latencies: dict[str, float | None] = field(default_factory=dict)
+    columns: dict[str, float | None] = field(default_factory=dict)
     """Further columns by name: p50/p99 in µs, and memory where a script measures it."""
 
 
@@ -340,13 +340,13 @@ def figure_table(figure: Figure) -> Iterator[str]:
     yield ""
     yield f"Unit: {figure.unit} ({better} is better). Baseline: {figure.baseline}."
     yield ""
-    extra = list(dict.fromkeys(key for row in figure.rows for key in row.latencies))
+    extra = list(dict.fromkeys(key for row in figure.rows for key in row.columns))
     header = ["loop", "muser", "baseline", "muser/baseline", *extra]
     yield "| " + " | ".join(header) + " |"
     yield "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"
     for row in figure.rows:
         cells = [row.label, number(row.muser), number(row.baseline), f"{row.ratio:.3f}"]
-        cells += [number(row.latencies.get(key)) for key in extra]
+        cells += [number(row.columns.get(key)) for key in extra]
         yield "| " + " | ".join(cells) + " |"
     yield ""
 
