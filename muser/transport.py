@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import itertools
 import os
 import socket
 import threading
@@ -23,6 +24,12 @@ RECEIVE_BUFFER_SIZE = 256 * 1024
 WRITE_HIGH_WATER = 4 * 1024 * 1024
 """Above this many queued bytes, `drain` waits for the peer to read."""
 WRITE_LOW_WATER = 1024 * 1024
+_COALESCE_BELOW = 64 * 1024
+"""Queued pieces smaller than this are copied together, so a backlog of small
+replies leaves in few sendmsg calls; larger ones are queued as they are: copying
+megabytes costs more than a system call."""
+_MAX_SEND_BUFFERS = 512
+"""Buffers per sendmsg, within Linux's IOV_MAX of 1024."""
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 """A plain int: socket's IntFlag arithmetic costs microseconds per receive."""
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
@@ -55,11 +62,37 @@ class _PendingWrite:
     a backlog goes out in few sendmsg calls; never to one whose fds are still
     waiting, since a receiver gives fds to the last message that starts in its read."""
 
-    __slots__ = ("data", "fds")
+    __slots__ = ("buffers", "fds")
 
-    def __init__(self, data: bytearray, fds: list[int]) -> None:
-        self.data = data
+    def __init__(self, fds: list[int]) -> None:
+        self.buffers: deque[bytes | bytearray | memoryview] = deque()
+        """Large pieces as given (immutable), small ones gathered into bytearrays."""
         self.fds = fds
+
+    def add(self, piece: bytes | memoryview) -> None:
+        """Queue `piece`, which must not change: bytes, or a view of bytes."""
+        buffers = self.buffers
+        if len(piece) >= _COALESCE_BELOW:
+            buffers.append(piece)
+        elif buffers and type(buffers[-1]) is bytearray:
+            buffers[-1] += piece
+        else:
+            buffers.append(bytearray(piece))
+
+    def consume(self, sent: int) -> None:
+        """Drop the first `sent` bytes, which the socket took."""
+        buffers = self.buffers
+        while sent:
+            first = buffers[0]
+            if sent >= len(first):
+                buffers.popleft()
+                sent -= len(first)
+            elif type(first) is bytearray:
+                del first[:sent]  # in place: bytes may still be added behind them
+                return
+            else:
+                buffers[0] = memoryview(first)[sent:]
+                return
 
 
 def _scm_rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
@@ -147,11 +180,12 @@ class FdTransport:
         """
         if self.closed or self._closing:
             raise ConnectionClosedError("connection is closed")
+        sent = 0
         if not self._writes:
             try:
                 sent = self._sock.sendmsg(buffers, _scm_rights(fds))
             except (BlockingIOError, InterruptedError):
-                sent = 0
+                pass
             except OSError as exc:
                 self._abort(exc)
                 raise ConnectionClosedError(str(exc)) from exc
@@ -160,16 +194,28 @@ class FdTransport:
                 return
             if sent:
                 fds = ()
-            data = bytearray(b"".join(buffers)[sent:])
-        else:
-            data = bytearray(b"".join(buffers))
-        self.write_buffer_size += len(data)
+        self._queue(buffers, sent, fds)
+
+    def _queue(self, buffers: Sequence[bytes], sent: int, fds: Sequence[int]) -> None:
+        """Keep what the socket did not take (all but the first `sent` bytes) until
+        it is writable; the caller's fds are duplicated, so it may close its own."""
         if not fds and self._writes and not self._writes[-1].fds:
-            self._writes[-1].data += data
-            return
-        self._writes.append(_PendingWrite(data, [os.dup(fd) for fd in fds]))
-        if len(self._writes) == 1:
-            self._loop.add_writer(self._fd, self._on_writable)
+            pending = self._writes[-1]
+        else:
+            pending = _PendingWrite([os.dup(fd) for fd in fds])
+            self._writes.append(pending)
+            if len(self._writes) == 1:
+                self._loop.add_writer(self._fd, self._on_writable)
+        for buffer in buffers:
+            size = len(buffer)
+            if sent >= size:
+                sent -= size
+                continue
+            # the caller may change a buffer of its own once we return: keep bytes
+            piece = buffer if type(buffer) is bytes else bytes(buffer)
+            pending.add(memoryview(piece)[sent:] if sent else piece)
+            self.write_buffer_size += size - sent
+            sent = 0
 
     def send_message(self, message: bytes) -> None:
         """`send` of one buffer without fds, for the server's fast lane: a connection
@@ -187,15 +233,16 @@ class FdTransport:
             self._abort(exc)
             return
         if sent != len(message):
-            self.write_buffer_size += len(message) - sent
-            self._writes.append(_PendingWrite(bytearray(message[sent:]), []))
-            self._loop.add_writer(self._fd, self._on_writable)
+            self._queue((message,), sent, ())
 
     def _on_writable(self) -> None:
         while self._writes:
             pending = self._writes[0]
+            buffers = pending.buffers
+            if len(buffers) > _MAX_SEND_BUFFERS:
+                buffers = deque(itertools.islice(buffers, _MAX_SEND_BUFFERS))
             try:
-                sent = self._sock.sendmsg([pending.data], _scm_rights(pending.fds))
+                sent = self._sock.sendmsg(buffers, _scm_rights(pending.fds))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -203,9 +250,9 @@ class FdTransport:
                 return
             close_fds(pending.fds)
             pending.fds = []
-            del pending.data[:sent]
+            pending.consume(sent)
             self.write_buffer_size -= sent
-            if pending.data:
+            if pending.buffers:
                 return
             self._writes.popleft()
         self._loop.remove_writer(self._fd)

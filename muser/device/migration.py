@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -178,8 +179,10 @@ MAX_RECORD = 1 << 32
 """No single migration record may claim more than 4 GiB."""
 
 
-def record(tag: int, payload: bytes) -> bytes:
-    return RecordHeader(tag, len(payload)).build() + payload
+def record(tag: int, payload: bytes) -> tuple[bytes, bytes]:
+    """A record as its header and its payload, kept apart: the payload may be
+    megabytes, and joining them would copy it once more."""
+    return RecordHeader(tag, len(payload)).build(), payload
 
 
 async def _chunks(
@@ -197,54 +200,98 @@ async def _chunks(
 
 
 class SavingSession:
-    """The source's stream: read in pieces of any size, produced on demand."""
+    """The source's stream: read in pieces of any size, produced on demand.
+
+    Produced bytes wait as views, so each byte is copied once, into the piece
+    that is read: a 64 MiB BAR record read 1 MiB at a time must not be sliced
+    and shifted 64 times."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._sources: list[AsyncIterator[bytes]] = []
+        self._held: deque[memoryview] = deque()
+        self._held_bytes = 0
+        self._sources: list[AsyncIterator[tuple[bytes, bytes]]] = []
 
-    def append(self, source: AsyncIterator[bytes]) -> None:
+    def append(self, source: AsyncIterator[tuple[bytes, bytes]]) -> None:
+        """Queue a producer of records (header, payload)."""
         self._sources.append(source)
 
     async def read(self, size: int) -> bytes:
         """Up to `size` bytes; fewer only at the end of what is available now."""
-        while len(self._buffer) < size and self._sources:
+        held = self._held
+        while self._held_bytes < size and self._sources:
             try:
-                self._buffer += await anext(self._sources[0])
+                header, payload = await anext(self._sources[0])
             except StopAsyncIteration:
                 self._sources.pop(0)
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return data
+                continue
+            held.append(memoryview(header))
+            held.append(memoryview(payload))
+            self._held_bytes += len(header) + len(payload)
+        pieces: list[memoryview] = []
+        wanted = size
+        while wanted and held:
+            first = held[0]
+            if len(first) <= wanted:
+                pieces.append(held.popleft())
+                wanted -= len(first)
+            else:
+                pieces.append(first[:wanted])
+                held[0] = first[wanted:]
+                wanted = 0
+        self._held_bytes -= size - wanted
+        return b"".join(pieces)
 
 
 class ResumingSession:
-    """The destination's stream, parsed record by record as its bytes arrive."""
+    """The destination's stream, parsed record by record as its bytes arrive.
+
+    A record's payload is gathered as views of the written data and joined once
+    it is whole: one copy, whatever the number of writes it spans."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._header = bytearray()
+        """The bytes of a record header that is not whole yet."""
+        self._tag: int | None = None
+        """The record being gathered, once its header is whole."""
+        self._missing = 0
+        """Its payload bytes still to come."""
+        self._pieces: list[memoryview] = []
         self.records: list[tuple[int, bytes]] = []
         self.complete = False
 
     def write(self, data: bytes) -> None:
         if self.complete:
             raise VfioUserError(errno.EINVAL, "data after the end of the migration stream")
-        self._buffer += data
-        while len(self._buffer) >= RecordHeader.SIZE and not self.complete:
-            header = RecordHeader.parse(self._buffer[: RecordHeader.SIZE])
-            if header.length > MAX_RECORD:
-                raise VfioUserError(errno.EINVAL, "a migration record is impossibly large")
-            end = RecordHeader.SIZE + header.length
-            if len(self._buffer) < end:
+        view = memoryview(data)
+        while True:
+            if self._tag is None:
+                if not view:
+                    return
+                taken = RecordHeader.SIZE - len(self._header)
+                self._header += view[:taken]
+                view = view[taken:]
+                if len(self._header) < RecordHeader.SIZE:
+                    return
+                header = RecordHeader.parse(self._header)
+                self._header.clear()
+                if header.length > MAX_RECORD:
+                    raise VfioUserError(errno.EINVAL, "a migration record is impossibly large")
+                self._tag, self._missing = header.tag, header.length
+            taken = min(self._missing, len(view))
+            if taken:
+                self._pieces.append(view[:taken])
+                view = view[taken:]
+                self._missing -= taken
+            if self._missing:
                 return
-            payload = bytes(self._buffer[RecordHeader.SIZE : end])
-            del self._buffer[:end]
-            if header.tag == TAG_END:
-                self.complete = not self._buffer
-                if not self.complete:
+            tag, payload = self._tag, b"".join(self._pieces)
+            self._tag, self._pieces = None, []
+            if tag == TAG_END:
+                if view:
                     raise VfioUserError(errno.EINVAL, "data after the end of the stream")
-            else:
-                self.records.append((header.tag, payload))
+                self.complete = True
+                return
+            self.records.append((tag, payload))
 
 
 class MigrationController:
@@ -307,14 +354,14 @@ class MigrationController:
 
     # The stream
 
-    async def _pre_copy_stream(self) -> AsyncIterator[bytes]:
+    async def _pre_copy_stream(self) -> AsyncIterator[tuple[bytes, bytes]]:
         if self.support.carry_state:
             for tag, payload in self._device.shared_state():
                 yield record(tag, payload)
         async for chunk in _chunks(self._device.save_state(S.PRE_COPY)):
             yield record(TAG_DEVICE, chunk)
 
-    async def _stop_copy_stream(self) -> AsyncIterator[bytes]:
+    async def _stop_copy_stream(self) -> AsyncIterator[tuple[bytes, bytes]]:
         if self.support.carry_state:
             for tag, payload in self._device.carried_state():
                 yield record(tag, payload)

@@ -85,6 +85,13 @@ class FramingError(ProtocolError):
         self.frames = frames
 
 
+GATHER_FROM = 64 * 1024
+"""A message at least this large that arrives over several receives is kept as
+the received pieces and joined once, when whole, instead of being appended to a
+growing buffer and then copied out: megabytes of DMA or migration data are
+copied once instead of twice."""
+
+
 def encode_header(
     msg_id: int, command: int, payload_size: int, flags: int, error: int = 0
 ) -> bytes:
@@ -94,7 +101,15 @@ def encode_header(
 class Framer:
     """Split a vfio-user byte stream into frames, without doing any I/O."""
 
-    __slots__ = ("_buffer", "_pending_fds", "buffered", "max_message_size")
+    __slots__ = (
+        "_buffer",
+        "_gathered",
+        "_gathering",
+        "_missing",
+        "_pending_fds",
+        "buffered",
+        "max_message_size",
+    )
 
     def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
@@ -102,6 +117,12 @@ class Framer:
         self.buffered = 0
         """Bytes of an incomplete message held so far (read only)."""
         self._pending_fds: list[int] = []
+        self._gathering: tuple[int, int, int, int] | None = None
+        """The header (msg_id, command, flags, error) of a large message whose
+        payload is being gathered piece by piece."""
+        self._gathered: list[bytes | memoryview] = []
+        self._missing = 0
+        """Payload bytes of that message still to come."""
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Frame]:
         """Take what one receive returned; return the messages it completed.
@@ -110,6 +131,8 @@ class Framer:
         holds) when the stream is broken: a bad header, or fds that arrived with
         payload bytes only.
         """
+        if self._gathering is not None:
+            return self._gather(data, fds)
         frames: list[Frame] = []
         held = self._buffer
         first_new = len(held)
@@ -133,6 +156,13 @@ class Framer:
                 self._check_header(size, flags)
                 if total - position < size:
                     fds_to_pending = fds_to_pending or starts_here
+                    if size >= GATHER_FROM:
+                        start = position + HEADER_SIZE
+                        # received bytes never change, so a view will do; the held
+                        # buffer is reused, so its bytes are copied
+                        first = bytes(view[start:]) if held else memoryview(data)[start:]
+                        self._gather_from((msg_id, command, flags, error), first, size)
+                        position = total
                     break
                 payload = bytes(view[position + HEADER_SIZE : position + size])
                 frame = Frame(msg_id, command, flags, error, payload)
@@ -149,14 +179,54 @@ class Framer:
             raise FramingError(str(exc), frames) from None
         finally:
             view.release()  # the held buffer must stay resizable for the next feed
-        if position:
-            self._buffer = bytearray(source[position:])
-        elif not held:
-            self._buffer = bytearray(source)
-        self.buffered = len(self._buffer)
+        self._hold(source, position, was_held=bool(held))
         if fds:
             self._attribute_fds(fds, frames, fds_owner, to_pending=fds_to_pending)
         return frames
+
+    def _hold(self, source: bytes | bytearray, position: int, *, was_held: bool) -> None:
+        """Keep what follows the last whole message, unless it is being gathered."""
+        if position:
+            self._buffer = bytearray(source[position:])
+        elif not was_held:
+            self._buffer = bytearray(source)
+        self.buffered = len(self._buffer)
+        if self._gathering is not None:
+            self.buffered = HEADER_SIZE + len(self._gathered[0])
+
+    def _gather_from(
+        self, header: tuple[int, int, int, int], first: bytes | memoryview, size: int
+    ) -> None:
+        """Start gathering a large message from the first bytes of its payload."""
+        self._gathering = header
+        self._gathered = [first]
+        self._missing = size - HEADER_SIZE - len(first)
+
+    def _gather(self, data: bytes, fds: Sequence[int]) -> list[Frame]:
+        """Take the next piece of a large message; once it is whole, frame it and
+        read on in what followed it."""
+        missing = self._missing
+        if len(data) < missing or (fds and len(data) == missing):
+            if fds:
+                self._refuse_body_fds(fds, [])
+            self._gathered.append(data)
+            self._missing -= len(data)
+            self.buffered += len(data)
+            return []
+        header = self._gathering
+        assert header is not None
+        self._gathered.append(data if len(data) == missing else memoryview(data)[:missing])
+        frame = Frame(*header, b"".join(self._gathered), self._pending_fds)
+        self._pending_fds = []
+        self._gathering, self._gathered, self._missing = None, [], 0
+        self.buffered = 0
+        if len(data) == missing:
+            return [frame]
+        try:
+            return [frame, *self.feed(data[missing:], fds)]
+        except FramingError as exc:
+            exc.frames.insert(0, frame)
+            raise
 
     def _attribute_fds(
         self, fds: Sequence[int], frames: list[Frame], owner: Frame | None, *, to_pending: bool
@@ -169,11 +239,14 @@ class Framer:
         else:
             # No message starts in this input, so the only frame it completed is the
             # one whose body carried the fds: it is the violation, not before it.
-            close_fds(fds)
-            self.close()
-            for frame in frames:
-                frame.close_fds()
-            raise FramingError("file descriptors arrived with message body bytes", [])
+            self._refuse_body_fds(fds, frames)
+
+    def _refuse_body_fds(self, fds: Sequence[int], frames: list[Frame]) -> None:
+        close_fds(fds)
+        self.close()
+        for frame in frames:
+            frame.close_fds()
+        raise FramingError("file descriptors arrived with message body bytes", [])
 
     def _check_header(self, size: int, flags: int) -> None:
         message_type = flags & MESSAGE_TYPE_MASK
@@ -190,4 +263,5 @@ class Framer:
         close_fds(self._pending_fds)
         self._pending_fds = []
         self._buffer = bytearray()
+        self._gathering, self._gathered, self._missing = None, [], 0
         self.buffered = 0

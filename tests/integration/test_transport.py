@@ -199,3 +199,37 @@ async def test_fast_lane_sends_keep_their_place_in_the_backlog() -> None:
     assert [len(frame.fds) for frame in collector.frames] == [0, 1, 0]
     collector.frames[1].close_fds()
     receiver.close()
+
+
+async def test_a_backlog_of_large_and_small_pieces_arrives_intact() -> None:
+    """What the socket does not take is queued without copying large pieces and
+    gathering small ones; the bytes arrive in order, whole, and as they were when
+    sent, even if the caller reuses its buffers at once."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sender = FdTransport(ours, Collector(), max_receive_fds=1)
+    large = bytes(range(256)) * 1024
+    reused = bytearray(b"\xaa" * 70_000)
+    sent = []
+    for msg_id in range(600):
+        if msg_id % 50 == 0:
+            payload = large[msg_id:]
+        elif msg_id % 50 == 25:
+            payload = bytes(reused)
+            header = message(msg_id, Command.REGION_WRITE, payload)[:16]
+            sender.send((header[:8], memoryview(header)[8:], reused), ())
+            reused[:] = b"\x55" * len(reused)  # changed once sent
+            sent.append((msg_id, payload))
+            continue
+        else:
+            payload = msg_id.to_bytes(2, "little") * (msg_id % 7)
+        sender.send((message(msg_id, Command.REGION_WRITE, payload),), ())
+        sent.append((msg_id, payload))
+    assert sender.write_buffer_size > 0
+    collector = Collector()
+    receiver = FdTransport(theirs, collector, max_receive_fds=4)
+    await collector.wait_for(len(sent))
+    assert [(frame.msg_id, frame.payload) for frame in collector.frames] == sent
+    assert sender.write_buffer_size == 0
+    sender.close()
+    receiver.close()

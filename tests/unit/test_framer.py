@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from muser.errors import ProtocolError
 from muser.wire import Framer, FramingError, encode_header
 from muser.wire.constants import Command
+from muser.wire.framer import GATHER_FROM
 from tests.helpers import message, open_fds
 
 LIMIT = 4096
@@ -115,3 +117,72 @@ def test_frame_take_fds_transfers_ownership() -> None:
     frame.close_fds()
     os.fstat(fd)
     os.close(fd)
+
+
+@st.composite
+def split_stream(draw: st.DrawFn) -> tuple[list[tuple[bytes, list[int]]], list[bytes], set[int]]:
+    """Messages small and large (gathered), cut anywhere; some receives carry an fd,
+    which belongs to the last message that starts in that receive."""
+    sizes = draw(
+        st.lists(
+            st.sampled_from([0, 7, 100, GATHER_FROM - 16, GATHER_FROM + 5, 200_000]),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    messages = [
+        message(i, Command.REGION_WRITE, bytes([i + 1]) * size) for i, size in enumerate(sizes)
+    ]
+    data = b"".join(messages)
+    starts = [sum(map(len, messages[:i])) for i in range(len(messages))]
+    cuts = sorted(set(draw(st.lists(st.integers(1, len(data) - 1), max_size=12))))
+    bounds = [0, *cuts, len(data)]
+    receives: list[tuple[bytes, list[int]]] = []
+    carriers: set[int] = set()
+    for low, high in itertools.pairwise(bounds):
+        starting = [i for i, start in enumerate(starts) if low <= start < high]
+        with_fd = bool(starting) and draw(st.booleans())
+        if with_fd:
+            carriers.add(starting[-1])
+        receives.append((data[low:high], [os.eventfd(0)] if with_fd else []))
+    return receives, messages, carriers
+
+
+@given(split_stream())
+def test_gathered_large_messages_keep_their_bytes_and_fds(
+    case: tuple[list[tuple[bytes, list[int]]], list[bytes], set[int]],
+) -> None:
+    receives, messages, carriers = case
+    framer = Framer(1 << 20)
+    frames = []
+    for data, fds in receives:
+        frames += framer.feed(data, fds)
+    assert [frame.encode() for frame in frames] == messages
+    assert {frame.msg_id for frame in frames if frame.fds} == carriers
+    assert framer.buffered == 0
+    for frame in frames:
+        frame.close_fds()
+
+
+def test_fds_with_a_large_messages_body_are_refused_and_closed() -> None:
+    before = open_fds()
+    data = message(1, Command.REGION_WRITE, bytes(GATHER_FROM * 3))
+    framer = Framer(1 << 20)
+    assert framer.feed(data[:1000]) == []
+    assert framer.buffered == 1000
+    assert framer.feed(data[1000:GATHER_FROM]) == []
+    assert framer.buffered == GATHER_FROM
+    with pytest.raises(FramingError, match="body") as caught:
+        framer.feed(data[GATHER_FROM : 2 * GATHER_FROM], [os.eventfd(0)])
+    assert caught.value.frames == []
+    assert framer.buffered == 0
+    assert open_fds() == before
+
+
+def test_a_bad_header_after_a_large_message_keeps_it() -> None:
+    large = message(1, Command.REGION_WRITE, bytes(GATHER_FROM))
+    framer = Framer(1 << 20)
+    framer.feed(large[:100])
+    with pytest.raises(FramingError, match="smaller") as caught:
+        framer.feed(large[100:] + message(2, 1, size=3))
+    assert [frame.payload for frame in caught.value.frames] == [bytes(GATHER_FROM)]
