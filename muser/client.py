@@ -19,7 +19,7 @@ from typing import Any, Self
 import structlog
 
 from muser.device.dma import DmaLayout
-from muser.endpoint import Endpoint, command_name
+from muser.endpoint import Endpoint, Payload, command_name
 from muser.errors import ProtocolError, VfioUserError
 from muser.wire import Capabilities, Frame, build_capabilities, parse_capabilities
 from muser.wire.constants import (
@@ -38,6 +38,7 @@ from muser.wire.constants import (
 )
 from muser.wire.messages import (
     ACCESS_CODEC,
+    QEMU_DMA_PADDING,
     DeviceFeature,
     DeviceInfo,
     DmaAccess,
@@ -148,7 +149,7 @@ class Client(Endpoint):
         if not frame.no_reply:
             self.send(frame.msg_id, frame.command, FLAGS_REPLY, payload)
 
-    def _serve(self, frame: Frame) -> bytes:
+    def _serve(self, frame: Frame) -> Payload:
         if frame.command == Command.DMA_READ:
             return self._serve_dma_read(frame.payload)
         if frame.command == Command.DMA_WRITE:
@@ -163,12 +164,13 @@ class Client(Endpoint):
                 return memory[address - start : address - start + count]
         raise VfioUserError(errno.EFAULT, f"{address:#x}+{count:#x} is in no backed window")
 
-    def _serve_dma_read(self, payload: bytes) -> bytes:
+    def _serve_dma_read(self, payload: bytes) -> Payload:
         request = DmaAccess.parse(payload)
         data = bytes(self._guest_memory(request.address, request.count))
         if self.dma_layout is DmaLayout.QEMU:
-            return DmaDataQemu(request.address, request.count, data + bytes(4)).build()
-        return DmaData(request.address, request.count, data).build()
+            reply = DmaDataQemu(request.address, request.count, data)
+            return (*reply.build_parts(), QEMU_DMA_PADDING)
+        return DmaData(request.address, request.count, data).build_parts()
 
     def _serve_dma_write(self, payload: bytes) -> bytes:
         if self.dma_layout is DmaLayout.QEMU:
@@ -363,7 +365,7 @@ class Client(Endpoint):
 
     async def mig_data_write(self, data: bytes) -> None:
         """MIG_DATA_WRITE: hand migration data to a resuming device."""
-        request = MigData(8 + len(data), len(data), data).build()
+        request = MigData(8 + len(data), len(data), data).build_parts()
         await self.request(Command.MIG_DATA_WRITE, request)
 
 

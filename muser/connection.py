@@ -21,7 +21,7 @@ from typing import Any
 from muser.device import PciDevice, ResetReason
 from muser.device.dma import DmaLayout
 from muser.device.migration import MigrationController
-from muser.endpoint import Endpoint, WireRecorder, command_name
+from muser.endpoint import Endpoint, Payload, WireRecorder, command_name
 from muser.errors import ConnectionClosedError, ProtocolError, VfioUserError
 from muser.transport import WRITE_HIGH_WATER
 from muser.wire import (
@@ -57,6 +57,7 @@ from muser.wire.constants import (
 from muser.wire.messages import (
     ACCESS_MESSAGE,
     HEADER_CODEC,
+    QEMU_DMA_PADDING,
     DeviceFeature,
     DeviceInfo,
     DmaAccess,
@@ -436,9 +437,9 @@ class ServerConnection(Endpoint):
         if frame.no_reply:
             return
         if isinstance(outcome, Reply):
-            self._send_reply(frame, FLAGS_REPLY, outcome.payload.build(), outcome.fds)
+            self._send_reply(frame, FLAGS_REPLY, outcome.payload.build_parts(), outcome.fds)
         else:
-            self._send_reply(frame, FLAGS_REPLY, b"" if outcome is None else outcome.build())
+            self._send_reply(frame, FLAGS_REPLY, b"" if outcome is None else outcome.build_parts())
 
     def _reply_error(self, frame: Frame, exc: Exception) -> None:
         if isinstance(exc, VfioUserError):
@@ -465,7 +466,7 @@ class ServerConnection(Endpoint):
         self,
         frame: Frame,
         flags: int,
-        payload: bytes = b"",
+        payload: Payload = b"",
         fds: Sequence[int] = (),
         error: int = 0,
     ) -> None:
@@ -938,9 +939,10 @@ class DmaMessenger:
     async def write(self, address: int, data: bytes) -> None:
         qemu = await self._qemu_layout(address)
         if qemu:
-            request = DmaDataQemu(address, len(data), data + bytes(4)).build()
+            parts = DmaDataQemu(address, len(data), data).build_parts()
+            request = (*parts, QEMU_DMA_PADDING)
         else:
-            request = DmaData(address, len(data), data).build()
+            request = DmaData(address, len(data), data).build_parts()
         reply = await self.connection.request(Command.DMA_WRITE, request)
         reply.close_fds()
         if not _write_answered(reply.payload, address, len(data), qemu=qemu):

@@ -32,6 +32,10 @@ from muser.wire.messages import HEADER_CODEC
 
 _MSG_ID_MODULUS = 1 << 16
 
+Payload = bytes | tuple[bytes, ...]
+"""A message's payload: its bytes, or parts sent back to back without joining
+them (`Layout.build_parts`), so that bulk data is not copied into a new buffer."""
+
 
 def debug_enabled(logger: Any) -> bool:
     """Whether to log every message: only when the application configured structlog
@@ -176,15 +180,20 @@ class Endpoint:
         msg_id: int,
         command: int,
         flags: int,
-        payload: bytes = b"",
+        payload: Payload = b"",
         fds: Sequence[int] = (),
         *,
         error: int = 0,
     ) -> None:
-        header = encode_header(msg_id, command, len(payload), flags, error)
-        self.transport.send((header, payload) if payload else (header,), fds)
+        if isinstance(payload, bytes):
+            header = encode_header(msg_id, command, len(payload), flags, error)
+            buffers: tuple[bytes, ...] = (header, payload) if payload else (header,)
+        else:
+            header = encode_header(msg_id, command, sum(map(len, payload)), flags, error)
+            buffers = (header, *payload)
+        self.transport.send(buffers, fds)
         if self._recorder is not None:
-            self._recorder.sent(header + payload, len(fds))
+            self._recorder.sent(b"".join(buffers), len(fds))
 
     def _allocate_msg_id(self) -> int:
         msg_id = self._next_msg_id
@@ -193,7 +202,9 @@ class Endpoint:
         self._next_msg_id = (msg_id + 1) % _MSG_ID_MODULUS
         return msg_id
 
-    async def exchange(self, command: int, payload: bytes = b"", fds: Sequence[int] = ()) -> Frame:
+    async def exchange(
+        self, command: int, payload: Payload = b"", fds: Sequence[int] = ()
+    ) -> Frame:
         """Send a command and return its reply frame as it came, error replies included.
 
         The caller owns the reply's fds.
@@ -209,7 +220,9 @@ class Endpoint:
             if entry is not None and entry[1] is future:
                 del self._requests[msg_id]
 
-    async def request(self, command: int, payload: bytes = b"", fds: Sequence[int] = ()) -> Frame:
+    async def request(
+        self, command: int, payload: Payload = b"", fds: Sequence[int] = ()
+    ) -> Frame:
         """Send a command and wait for its reply; an error reply raises VfioUserError."""
         reply = await self.exchange(command, payload, fds)
         if reply.is_error:
@@ -219,7 +232,7 @@ class Endpoint:
             )
         return reply
 
-    def post(self, command: int, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
+    def post(self, command: int, payload: Payload = b"", fds: Sequence[int] = ()) -> None:
         """Send a command with NO_REPLY: nothing comes back, not even an error."""
         self.send(
             self._allocate_msg_id(),

@@ -73,6 +73,17 @@ class Layout:
             raise ProtocolError(f"malformed {cls.__name__}: {exc}") from None
         return cls(**{name: parsed[name] for name in cls.FIELDS})
 
+    def build_parts(self) -> tuple[bytes, ...]:
+        """`build`, but with the tail (often megabytes of data) left as its own
+        part, so that sending it with the rest copies it no more."""
+        if self.HAS_TAIL and self.CODEC is not None:
+            values = type(self).VALUES(self)
+            try:
+                return self.CODEC.pack(*values[:-1]), values[-1]
+            except struct.error as exc:
+                raise ValueError(f"cannot build {type(self).__name__}: {exc}") from None
+        return (self.build(),)
+
     def build(self) -> bytes:
         """Encode to bytes; a value out of its field's range raises ValueError."""
         codec = self.CODEC

@@ -267,6 +267,10 @@ class DmaDataQemu(Layout):
     data: bytes = wire(_tail)
 
 
+QEMU_DMA_PADDING = bytes(4)
+"""What follows the data of a `DmaDataQemu` we send."""
+
+
 @layout
 class WriteOne(Layout):
     """One entry of REGION_WRITE_MULTI: the first `count` (1…8) bytes of `data` are used."""

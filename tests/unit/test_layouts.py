@@ -110,6 +110,9 @@ def test_any_bytes_parse_or_raise_protocol_error(layout: type[Layout], payload: 
     except ProtocolError:
         return
     assert message.build() == payload
+    parts = message.build_parts()
+    assert b"".join(parts) == payload
+    assert len(parts) == (2 if layout.HAS_TAIL and layout.CODEC is not None else 1)
 
 
 @given(st.binary(max_size=400))
@@ -132,6 +135,8 @@ def test_framer_and_decoders_never_raise_anything_else(data: bytes) -> None:
 def test_build_rejects_out_of_range_values() -> None:
     with pytest.raises(ValueError, match="RegionData"):
         RegionData(1 << 64, 0, 0, b"").build()
+    with pytest.raises(ValueError, match="RegionData"):
+        RegionData(1 << 64, 0, 0, b"").build_parts()
     with pytest.raises(ValueError, match="DmaUnmap"):
         DmaUnmap(24, 1, 0, 0, None).build()
 
