@@ -56,11 +56,12 @@ from muser.wire.constants import (
 )
 from muser.wire.messages import (
     ACCESS_MESSAGE,
+    DMA_ACCESS_CODEC,
+    DMA_DATA_QEMU_PREFIX,
     HEADER_CODEC,
     QEMU_DMA_PADDING,
     DeviceFeature,
     DeviceInfo,
-    DmaAccess,
     DmaData,
     DmaDataQemu,
     DmaLoggingReport,
@@ -922,22 +923,26 @@ class DmaMessenger:
         return self.layout is DmaLayout.QEMU
 
     async def read(self, address: int, count: int) -> bytes:
-        qemu = await self._qemu_layout(address)
-        request = DmaAccess(address, count).build()
+        qemu = self.layout is DmaLayout.QEMU
+        if self.layout is DmaLayout.AUTO:
+            qemu = await self._qemu_layout(address)
+        request = DMA_ACCESS_CODEC.pack(address, count)
         reply = await self.connection.request(Command.DMA_READ, request)
         reply.close_fds()
-        if qemu:
-            answer = DmaDataQemu.parse(reply.payload)
-            got_address, got_count, data = answer.address, answer.count, answer.data[:count]
-        else:
-            spec = DmaData.parse(reply.payload)
-            got_address, got_count, data = spec.address, spec.count, spec.data
-        if (got_address, got_count, len(data)) != (address, count, count):
-            raise self._misread("DMA_READ", address, count, len(data))
-        return data
+        payload = reply.payload
+        # the fixed fields unpacked, the data sliced out once: it may be megabytes
+        prefix = DMA_DATA_QEMU_PREFIX if qemu else DMA_ACCESS_CODEC
+        after_data = len(payload) - prefix.size - count  # QEMU pads; the spec does not
+        if after_data < 0 or (after_data and not qemu):
+            raise self._misread("DMA_READ", address, count, len(payload))
+        if prefix.unpack_from(payload) != (address, count):
+            raise self._misread("DMA_READ", address, count, len(payload))
+        return payload[prefix.size : prefix.size + count]
 
     async def write(self, address: int, data: bytes) -> None:
-        qemu = await self._qemu_layout(address)
+        qemu = self.layout is DmaLayout.QEMU
+        if self.layout is DmaLayout.AUTO:
+            qemu = await self._qemu_layout(address)
         if qemu:
             parts = DmaDataQemu(address, len(data), data).build_parts()
             request = (*parts, QEMU_DMA_PADDING)

@@ -413,27 +413,25 @@ class DmaSpace:
             index += 1
         return segments
 
-    def _direct_window(self, address: int, length: int, write: bool) -> DmaWindow | None:
-        """The one fd-backed window that holds the whole range with the needed access,
-        or None when the general path must decide (several windows, holes, messages)."""
+    def _window_over(self, address: int, length: int, write: bool) -> DmaWindow | None:
+        """The one window that holds the whole range with the needed access, or None
+        when the general path must decide (several windows, holes)."""
         if self.stopped:
             raise VfioUserError(errno.EBUSY, "the device is stopped for migration: no DMA")
         index = bisect.bisect_right(self._starts, address) - 1
         if index < 0 or length < 0:
             return None
         window = self._windows[index]
-        if (
-            address + length <= window.address + window.size
-            and window.direct
-            and (window.writable if write else window.readable)
+        if address + length <= window.address + window.size and (
+            window.writable if write else window.readable
         ):
             return window
         return None
 
     def read_direct(self, address: int, length: int) -> bytes:
         """Read guest memory now, from windows that came with a file descriptor."""
-        window = self._direct_window(address, length, False)
-        if window is not None:
+        window = self._window_over(address, length, False)
+        if window is not None and window.direct:
             return window.read_direct(address - window.address, length)
         segments = self.translate(address, length)
         self._require_direct(segments)
@@ -443,8 +441,8 @@ class DmaSpace:
 
     def write_direct(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest memory now, to windows that came with a file descriptor."""
-        window = self._direct_window(address, len(data), True)
-        if window is not None:
+        window = self._window_over(address, len(data), True)
+        if window is not None and window.direct:
             window.write_direct(address - window.address, data)
             if self.log is not None:
                 self.log.mark(address, len(data))
@@ -470,9 +468,13 @@ class DmaSpace:
     async def read(self, address: int, length: int, *, messages: bool = False) -> bytes:
         """Read guest memory through whichever path each window needs; `messages`
         uses DMA_READ even for windows that came with an fd."""
-        window = None if messages else self._direct_window(address, length, False)
-        if window is not None:
-            return window.read_direct(address - window.address, length)
+        window = self._window_over(address, length, False)
+        if window is not None and length:  # the common case, without segments
+            if window.direct and not messages:
+                return window.read_direct(address - window.address, length)
+            messenger = self._messenger()
+            if length <= messenger.max_transfer:
+                return await messenger.read(address, length)
         pieces = []
         for segment in self.translate(address, length):
             if segment.window.direct and not messages:
@@ -486,9 +488,16 @@ class DmaSpace:
     ) -> None:
         """Write guest memory through whichever path each window needs; `messages`
         uses DMA_WRITE even for windows that came with an fd."""
-        if not messages and self._direct_window(address, len(data), True) is not None:
-            self.write_direct(address, data)
-            return
+        window = self._window_over(address, len(data), True)
+        if window is not None and data:  # the common case, without segments
+            if window.direct and not messages:
+                self.write_direct(address, data)
+                return
+            messenger = self._messenger()
+            if len(data) <= messenger.max_transfer:
+                await messenger.write(address, bytes(data))
+                self._mark_dirty(address, len(data))
+                return
         position = 0
         for segment in self.translate(address, len(data), write=True):
             piece = data[position : position + segment.length]
@@ -527,7 +536,7 @@ class DmaSpace:
     def view(self, address: int, length: int, *, write: bool = False) -> DmaView:
         """A zero-copy view of guest memory in one mmapped window; holding it (with
         `with` or `async with`) delays an unmap of that window until it is let go."""
-        window = self._direct_window(address, length, write)
+        window = self._window_over(address, length, write)
         if window is None or window.view is None or not length:
             self.translate(address, length, write=write)  # EFAULT, EPERM or EBUSY if it says so
             raise VfioUserError(

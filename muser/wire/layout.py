@@ -113,6 +113,14 @@ def joined_codec(*layouts: type[Layout]) -> struct.Struct:
     return struct.Struct("<" + "".join(formats))
 
 
+def prefix_codec(layout: type[Layout]) -> struct.Struct:
+    """The fixed fields ahead of a layout's tail, for a hot path that unpacks them
+    in one call and takes the tail (bulk data) as a slice of its own."""
+    if layout.CODEC is None or not layout.HAS_TAIL:
+        raise TypeError(f"{layout.__name__} is not fixed-size fields and a tail")
+    return layout.CODEC
+
+
 def _fast_format(subcon: Any) -> str | None:
     """The `struct` format of one fixed-size field, derived from its construct subcon."""
     if isinstance(subcon, cs.FormatField):

@@ -16,7 +16,7 @@ import construct as cs
 
 from muser.errors import ProtocolError
 from muser.wire.constants import Command, DmaUnmapFlag, Feature, FeatureFlag, RegionCapId
-from muser.wire.layout import Layout, array_of, joined_codec, layout, nested, wire
+from muser.wire.layout import Layout, array_of, joined_codec, layout, nested, prefix_codec, wire
 
 _u16: Any = cs.Int16ul
 _u32: Any = cs.Int32ul
@@ -269,6 +269,9 @@ class DmaDataQemu(Layout):
 
 QEMU_DMA_PADDING = bytes(4)
 """What follows the data of a `DmaDataQemu` we send."""
+DMA_ACCESS_CODEC = joined_codec(DmaAccess)
+"""DmaAccess, and the fixed start of DmaData, in one struct call."""
+DMA_DATA_QEMU_PREFIX = prefix_codec(DmaDataQemu)
 
 
 @layout

@@ -389,6 +389,71 @@ class TestMessageDma:
             assert [log["command"] for log in logs if log["log_level"] == "error"] == ["DMA_WRITE"]
             peer.close()
 
+    async def test_messages_can_be_asked_for_a_mapped_window(
+        self, device: DmaDevice, sock_path: str
+    ) -> None:
+        """`messages=True` sends DMA_READ/DMA_WRITE even where an fd maps the window:
+        the client then serves them from its `backing`, here not the fd's memory."""
+        fd = os.memfd_create("guest")
+        os.ftruncate(fd, 0x1000)
+        os.pwrite(fd, b"mapped", 0)
+        backing = bytearray(b"backed") + bytearray(0x1000 - 6)
+        async with Server(device, sock_path), await Client.connect(sock_path) as client:
+            await client.dma_map(0x100000, 0x1000, fd=fd, backing=backing)
+            os.close(fd)
+            dma = device.dma
+            assert await dma.read(0x100000, 6) == b"mapped"
+            assert await dma.read(0x100000, 6, messages=True) == b"backed"
+            await dma.write(0x100000, b"M", messages=True)
+            await dma.write(0x100001, b"A")
+            assert (bytes(backing[:2]), dma.read_direct(0x100000, 2)) == (b"Ma", b"mA")
+
+    @pytest.mark.parametrize(
+        ("layout", "answer", "read"),
+        [
+            (DmaLayout.SPEC, struct.pack("<QQ", 0x100000, 4) + b"data", b"data"),
+            (DmaLayout.SPEC, struct.pack("<QQ", 0x100000, 4) + b"data!", None),
+            (DmaLayout.SPEC, struct.pack("<QQ", 0x100000, 4) + b"dat", None),
+            (DmaLayout.SPEC, struct.pack("<QQ", 0x100008, 4) + b"data", None),
+            (DmaLayout.SPEC, struct.pack("<QQ", 0x100000, 3) + b"data", None),
+            (DmaLayout.SPEC, struct.pack("<Q", 0x100000), None),
+            (DmaLayout.QEMU, struct.pack("<QI", 0x100000, 4) + b"data" + bytes(4), b"data"),
+            (DmaLayout.QEMU, struct.pack("<QI", 0x100000, 4) + b"data", b"data"),
+            (DmaLayout.QEMU, struct.pack("<QI", 0x100000, 4) + b"dat", None),
+            (DmaLayout.QEMU, struct.pack("<QI", 0x100000, 5) + b"data" + bytes(4), None),
+            (DmaLayout.QEMU, b"", None),
+        ],
+    )
+    async def test_a_read_reply_must_answer_its_request(
+        self,
+        device: DmaDevice,
+        sock_path: str,
+        layout: DmaLayout,
+        answer: bytes,
+        read: bytes | None,
+    ) -> None:
+        """DMA_READ's reply gives back the address and count asked and exactly that
+        many bytes (QEMU's may pad them); anything else is EIO, never other data."""
+        async with Server(device, sock_path, dma_layout=layout):
+            peer = await RawPeer.connect(sock_path)
+            await peer.negotiate()
+            peer.send(message(1, Command.DMA_MAP, DmaMap(32, 1, 0, 0x100000, 0x1000).build()))
+            assert (await peer.receive())[0].flags == 1
+            reading = asyncio.create_task(device.dma.read(0x100000, 4))
+            request, payload = await peer.receive()
+            assert (request.command, payload) == (
+                Command.DMA_READ,
+                struct.pack("<QQ", 0x100000, 4),
+            )
+            peer.send(message(request.msg_id, Command.DMA_READ, answer, flags=1))
+            if read is None:
+                with pytest.raises(VfioUserError) as caught:
+                    await reading
+                assert caught.value.errno == errno.EIO
+            else:
+                assert await reading == read
+            peer.close()
+
     async def test_a_client_refusing_the_question_speaks_the_spec(
         self, device: DmaDevice, sock_path: str
     ) -> None:
