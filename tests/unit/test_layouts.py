@@ -13,16 +13,21 @@ from hypothesis import strategies as st
 from muser.errors import ProtocolError
 from muser.wire import Framer
 from muser.wire.constants import Command, FeatureFlag
-from muser.wire.layout import Layout, joined_codec
+from muser.wire.layout import Layout, joined_codec, prefix_codec
 from muser.wire.messages import (
     ACCESS_CODEC,
     ACCESS_MESSAGE,
+    DMA_ACCESS_CODEC,
+    DMA_DATA_QEMU_PREFIX,
     FEATURE_DATA,
     HEADER_CODEC,
     REPLIES,
     REQUESTS,
     CapHeader,
     DeviceFeature,
+    DmaAccess,
+    DmaData,
+    DmaDataQemu,
     DmaUnmap,
     Header,
     IoEventFdEntry,
@@ -86,6 +91,20 @@ def test_whole_message_codecs_agree_with_the_declarations(
     for variable in (Version, DmaUnmap):
         with pytest.raises(TypeError, match="not all fixed-size fields"):
             joined_codec(Header, variable)
+
+
+@given(address=st.integers(0, 2**64 - 1), count=st.integers(0, 0xFFFFFFFF), data=st.binary())
+def test_dma_codecs_agree_with_the_declarations(address: int, count: int, data: bytes) -> None:
+    """Message DMA packs its request and unpacks the reply's fixed fields in one call."""
+    assert DMA_ACCESS_CODEC.pack(address, count) == DmaAccess(address, count).build()
+    spec = DmaData(address, count, data).build()
+    assert DMA_ACCESS_CODEC.unpack_from(spec) == (address, count)
+    qemu = DmaDataQemu(address, count, data).build()
+    assert DMA_DATA_QEMU_PREFIX.unpack_from(qemu) == (address, count)
+    assert qemu[DMA_DATA_QEMU_PREFIX.size :] == data
+    for fixed in (DmaAccess, DmaUnmap):
+        with pytest.raises(TypeError, match="fixed-size fields and a tail"):
+            prefix_codec(fixed)
 
 
 @pytest.mark.parametrize("layout", FAST, ids=lambda layout: layout.__name__)
