@@ -10,10 +10,16 @@ of 4 KiB, 64 KiB and 1 MiB:
   v[:] = src` from a bytearray. Baseline: the same copies on a plain `mmap` of
   the same memfd, by memoryview slicing (`bytes(mv[a:a + n])`, `mv[a:a + n] =
   data`). It is the floor: what a perfect framework could reach.
-- message: the client maps a 4 MiB window without an fd, backed by a bytearray,
-  so that `await device.dma.read()`/`write()` (awaited from the benchmark's task,
-  not from a handler) become DMA_READ/DMA_WRITE round trips that the client
-  serves, in both payload layouts (SPEC and QEMU, each on its own server).
+- message: a client maps a 4 MiB window without an fd, so that `await
+  device.dma.read()`/`write()` (awaited from the benchmark's task, not from a
+  handler) become DMA_READ/DMA_WRITE round trips that the client serves from
+  its memory, in both payload layouts (SPEC and QEMU, each on its own server).
+  The client is raw, without any framework, as QEMU is to muser: driven by
+  `loop.add_reader` + `recv_into` one buffer, it answers from a bytearray with
+  `sendmsg` of the reply's header, fixed fields and a view of the data. So
+  muser/baseline is the cost of muser's server. The SPEC rows marked
+  "muser.Client" time the same through `muser.Client` instead, what a Python
+  test driving a device pays end to end.
   Baseline: a socketpair whose ends are driven by `loop.add_reader` (and
   `add_writer` for what the socket does not take at once), a 32-byte request
   one way and a 32 + n byte reply the other, received with `recvmsg_into` into
@@ -54,11 +60,21 @@ from typing import Any
 from common import (
     parse_count_arguments,
     print_machine,
+    raw_session,
     run_per_loop,
 )
 
 import muser
 from muser.device.dma import DmaLayout, DmaSpace
+from muser.wire import encode_header
+from muser.wire.constants import FLAGS_REPLY, HEADER_SIZE, Command, DmaMapFlag
+from muser.wire.messages import (
+    DMA_ACCESS_CODEC,
+    DMA_DATA_QEMU_PREFIX,
+    HEADER_CODEC,
+    QEMU_DMA_PADDING,
+    DmaMap,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -97,6 +113,8 @@ MESSAGE = {
     "spec_write": ("SPEC await write", "baseline"),
     "qemu_read": ("QEMU await read", "baseline"),
     "qemu_write": ("QEMU await write", "baseline"),
+    "client_spec_read": ("SPEC read, muser.Client", "baseline"),
+    "client_spec_write": ("SPEC write, muser.Client", "baseline"),
 }
 """Message-based benchmarks, the same way."""
 LAYOUTS = {"spec": DmaLayout.SPEC, "qemu": DmaLayout.QEMU}
@@ -266,6 +284,99 @@ class SocketBaseline:
         self._server.close()
 
 
+class RawDmaClient:
+    """A client without any framework that serves the server's DMA_READ and
+    DMA_WRITE from its memory, as QEMU serves them from guest RAM, in one layout."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, layout: DmaLayout
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._qemu = layout is DmaLayout.QEMU
+        self._prefix = DMA_DATA_QEMU_PREFIX if self._qemu else DMA_ACCESS_CODEC
+        self.memory = memoryview(bytearray(MESSAGE_SIZE))
+        self._received = memoryview(bytearray(HEADER_SIZE + 32 + MiB))
+        """Room for the largest message: a DMA_WRITE of 1 MiB in either layout."""
+        self._filled = 0
+        self._unsent: list[memoryview] = []
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        received = self._received
+        count = self._sock.recv_into(received[self._filled :])
+        if not count:
+            raise RuntimeError("the server closed the connection")
+        self._filled += count
+        while self._filled >= HEADER_SIZE:
+            msg_id, command, size, _flags, _error = HEADER_CODEC.unpack_from(received)
+            if self._filled < size:
+                return
+            self._answer(msg_id, command, received[HEADER_SIZE:size])
+            rest = self._filled - size
+            received[:rest] = received[size : self._filled]
+            self._filled = rest
+
+    def _answer(self, msg_id: int, command: int, payload: memoryview) -> None:
+        prefix = self._prefix
+        address, count = prefix.unpack_from(payload)
+        data = self.memory[address - MESSAGE_BASE : address - MESSAGE_BASE + count]
+        if command == Command.DMA_READ:
+            tail = [data, QEMU_DMA_PADDING] if self._qemu else [data]
+            size = prefix.size + count + (len(QEMU_DMA_PADDING) if self._qemu else 0)
+            head = encode_header(msg_id, command, size, FLAGS_REPLY)
+            self._send([head, prefix.pack(address, count), *tail])
+        elif command == Command.DMA_WRITE:
+            data[:] = payload[prefix.size : prefix.size + count]
+            answer = b"" if self._qemu else DMA_ACCESS_CODEC.pack(address, count)
+            self._send([encode_header(msg_id, command, len(answer), FLAGS_REPLY), answer])
+        else:
+            raise RuntimeError(f"the server sent command {command}")
+
+    def _send(self, buffers: list[Any]) -> None:
+        if self._unsent:
+            self._unsent.append(memoryview(b"".join(buffers)))
+            return
+        sent = self._sock.sendmsg(buffers)
+        if sent < sum(map(len, buffers)):
+            self._unsent.append(memoryview(b"".join(buffers))[sent:])
+            self._loop.add_writer(self._sock.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        while self._unsent:
+            sent = self._sock.send(self._unsent[0])
+            self._unsent[0] = self._unsent[0][sent:]
+            if self._unsent[0]:
+                return
+            self._unsent.pop(0)
+        self._loop.remove_writer(self._sock.fileno())
+
+    def close(self) -> None:
+        if self._unsent:
+            self._loop.remove_writer(self._sock.fileno())
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
+async def attach_raw(
+    stack: contextlib.AsyncExitStack, path: str, layout: DmaLayout
+) -> tuple[muser.PciDevice, RawDmaClient]:
+    """A device served at `path`, with a raw client that mapped the message window."""
+    loop = asyncio.get_running_loop()
+    device = muser.PciDevice(vendor_id=0x1234, device_id=0x11E8)
+    await stack.enter_async_context(muser.Server(device, path, dma_layout=layout))
+    sock = await raw_session(path)
+    flags = DmaMapFlag.READ | DmaMapFlag.WRITE
+    request = DmaMap(32, flags, 0, MESSAGE_BASE, MESSAGE_SIZE).build()
+    await loop.sock_sendall(sock, encode_header(1, Command.DMA_MAP, len(request), 0) + request)
+    reply = await loop.sock_recv(sock, HEADER_SIZE)
+    if HEADER_CODEC.unpack(reply)[3] != FLAGS_REPLY:
+        raise RuntimeError("DMA_MAP was refused")
+    client = RawDmaClient(loop, sock, layout)
+    stack.callback(client.close)
+    return device, client
+
+
 async def attach(
     stack: contextlib.AsyncExitStack, path: str, layout: DmaLayout
 ) -> tuple[muser.PciDevice, muser.Client]:
@@ -288,7 +399,7 @@ def check_mapped(dma: DmaSpace, memory: memoryview) -> None:
         raise RuntimeError("muser does not see the plain mapping's write")
 
 
-async def check_message(dma: DmaSpace, backing: bytearray) -> None:
+async def check_message(dma: DmaSpace, backing: bytearray | memoryview) -> None:
     """Write the window through muser and read it back, checking the client's memory."""
     data = pattern(MESSAGE_SIZE)
     await dma.write(MESSAGE_BASE, data)
@@ -326,11 +437,14 @@ async def bench_loop(
             check_mapped(mapped.dma, memory)
             messaging: dict[str, DmaSpace] = {}
             for name, layout in LAYOUTS.items():
-                device, client = await attach(stack, f"{prefix}-{name}.sock", layout)
-                backing = bytearray(MESSAGE_SIZE)
-                await client.dma_map(MESSAGE_BASE, MESSAGE_SIZE, backing=backing)
-                await check_message(device.dma, backing)
+                device, raw = await attach_raw(stack, f"{prefix}-{name}.sock", layout)
+                await check_message(device.dma, raw.memory)
                 messaging[name] = device.dma
+            device, client = await attach(stack, f"{prefix}-client.sock", DmaLayout.SPEC)
+            backing = bytearray(MESSAGE_SIZE)
+            await client.dma_map(MESSAGE_BASE, MESSAGE_SIZE, backing=backing)
+            await check_message(device.dma, backing)
+            messaging["client_spec"] = device.dma
             series: dict[str, dict[int, dict[str, Series]]] = {"mapped": {}, "message": {}}
             for size in SIZES:
                 ops = operations(mapped_bytes, size, min_ops)

@@ -200,6 +200,8 @@ def dma_copy(report: dict[str, Any]) -> list[Figure]:
         ("message", "spec_write", "baseline", "message DMA (SPEC layout): await write"),
         ("message", "qemu_read", "baseline", "message DMA (QEMU layout): await read"),
         ("message", "qemu_write", "baseline", "message DMA (QEMU layout): await write"),
+        ("message", "client_spec_read", "baseline", "message DMA through muser.Client: read"),
+        ("message", "client_spec_write", "baseline", "message DMA through muser.Client: write"),
     )
     baselines = {"mapped": "memoryview slicing of a plain mmap", "message": "raw socketpair"}
     figures = []
