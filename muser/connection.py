@@ -59,6 +59,7 @@ from muser.wire.messages import (
     DMA_ACCESS_CODEC,
     DMA_DATA_QEMU_PREFIX,
     HEADER_CODEC,
+    MIG_DATA_PREFIX,
     QEMU_DMA_PADDING,
     DeviceFeature,
     DeviceInfo,
@@ -790,10 +791,14 @@ class ServerConnection(Endpoint):
         return MigData(MigData.SIZE + len(data), len(data), data)
 
     def _mig_data_write(self, frame: Frame) -> None:
-        request = MigData.parse(frame.payload)
-        if request.size != len(request.data) or request.argsz < MigData.SIZE + request.size:
+        payload = frame.payload
+        if len(payload) < MIG_DATA_PREFIX.size:
+            raise ProtocolError(f"MIG_DATA_WRITE payload of {len(payload)} bytes")
+        argsz, size = MIG_DATA_PREFIX.unpack_from(payload)
+        data = memoryview(payload)[MIG_DATA_PREFIX.size :]  # a megabyte, passed on uncopied
+        if size != len(data) or argsz < MIG_DATA_PREFIX.size + size:
             raise ProtocolError("MIG_DATA_WRITE size and data disagree")
-        self._migration().write(request.data)
+        self._migration().write(data)
 
     def _migration(self) -> MigrationController:
         if self.device.migration is None:

@@ -326,23 +326,16 @@ class PciDevice:
 
     # Migration: what muser carries for the device
 
-    def shared_state(self) -> list[tuple[int, bytes]]:
-        """Records of mappable BAR memory (sent in pre-copy and again at stop-copy)."""
-        return [
-            (TAG_SHARED_BAR + index, shared.read(0, shared.size))
-            for index, shared in self.shared.items()
-        ]
-
     def carried_state(self) -> list[tuple[int, bytes]]:
-        """The records muser migrates for the device at stop-copy: config space,
-        interrupt state, the MSI-X table and mappable BAR memory."""
+        """The records muser migrates for the device at stop-copy besides mappable
+        BAR memory (which it streams): config space, interrupt state, the MSI-X table."""
         records = [
             (TAG_CONFIG, self.config.read(0, self.config.size)),
             (TAG_INTERRUPTS, self.irqs.save()),
         ]
         if self.irqs.msix_table is not None:
             records.append((TAG_MSIX_TABLE, bytes(self.irqs.msix_table.entries)))
-        return records + self.shared_state()
+        return records
 
     def restore_carried_state(self, records: list[tuple[int, bytes]]) -> None:
         """Apply what the source carried; a record that doesn't fit this device is EINVAL."""
@@ -357,14 +350,19 @@ class PciDevice:
                 and len(payload) == len(self.irqs.msix_table.entries)
             ):
                 self.irqs.msix_table.restore(payload)
-            elif (
-                TAG_SHARED_BAR <= tag < TAG_SHARED_BAR + NUM_BARS
-                and tag - TAG_SHARED_BAR in self.shared
-                and len(payload) == self.shared[tag - TAG_SHARED_BAR].size
-            ):
-                self.shared[tag - TAG_SHARED_BAR].write(0, payload)
             else:
                 raise VfioUserError(errno.EINVAL, f"migration record {tag:#x} does not fit")
+
+    def restore_shared_bar(self, index: int, pieces: Sequence[bytes | memoryview]) -> None:
+        """Put a mappable BAR's migrated memory in place, piece by piece as it came."""
+        shared = self.shared.get(index)
+        if shared is None or sum(map(len, pieces)) != shared.size:
+            tag = TAG_SHARED_BAR + index
+            raise VfioUserError(errno.EINVAL, f"migration record {tag:#x} does not fit")
+        offset = 0
+        for piece in pieces:
+            shared.write(offset, piece)
+            offset += len(piece)
 
     def handle_reset(self, reason: ResetReason) -> Awaitable[None] | None:
         """What muser does on a reset: DEVICE_RESET and FLR put config space, the MSI-X

@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import inspect
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -179,10 +179,23 @@ MAX_RECORD = 1 << 32
 """No single migration record may claim more than 4 GiB."""
 
 
-def record(tag: int, payload: bytes) -> tuple[bytes, bytes]:
-    """A record as its header and its payload, kept apart: the payload may be
-    megabytes, and joining them would copy it once more."""
-    return RecordHeader(tag, len(payload)).build(), payload
+BAR_PIECE = 1 << 20
+"""Mappable BAR memory enters the stream a megabyte at a time, read as the stream
+is: a BAR of any size is never copied whole."""
+
+
+def record(tag: int, payload: bytes) -> Iterator[bytes]:
+    """A record as pieces of the stream: its header, then its payload, not joined
+    (the payload may be megabytes)."""
+    yield RecordHeader(tag, len(payload)).build()
+    yield payload
+
+
+def _shared_bar_records(device: PciDevice) -> Iterator[bytes]:
+    for index, shared in device.shared.items():
+        yield RecordHeader(TAG_SHARED_BAR + index, shared.size).build()
+        for offset in range(0, shared.size, BAR_PIECE):
+            yield shared.read(offset, min(BAR_PIECE, shared.size - offset))
 
 
 async def _chunks(
@@ -209,10 +222,10 @@ class SavingSession:
     def __init__(self) -> None:
         self._held: deque[memoryview] = deque()
         self._held_bytes = 0
-        self._sources: list[AsyncIterator[tuple[bytes, bytes]]] = []
+        self._sources: list[AsyncIterator[bytes]] = []
 
-    def append(self, source: AsyncIterator[tuple[bytes, bytes]]) -> None:
-        """Queue a producer of records (header, payload)."""
+    def append(self, source: AsyncIterator[bytes]) -> None:
+        """Queue a producer of the stream's pieces."""
         self._sources.append(source)
 
     async def read(self, size: int) -> bytes:
@@ -220,13 +233,12 @@ class SavingSession:
         held = self._held
         while self._held_bytes < size and self._sources:
             try:
-                header, payload = await anext(self._sources[0])
+                piece = await anext(self._sources[0])
             except StopAsyncIteration:
                 self._sources.pop(0)
                 continue
-            held.append(memoryview(header))
-            held.append(memoryview(payload))
-            self._held_bytes += len(header) + len(payload)
+            held.append(memoryview(piece))
+            self._held_bytes += len(piece)
         pieces: list[memoryview] = []
         wanted = size
         while wanted and held:
@@ -245,8 +257,8 @@ class SavingSession:
 class ResumingSession:
     """The destination's stream, parsed record by record as its bytes arrive.
 
-    A record's payload is gathered as views of the written data and joined once
-    it is whole: one copy, whatever the number of writes it spans."""
+    A record's payload is gathered as views of the written data, for whoever
+    takes it to copy once, whatever the number of writes it spans."""
 
     def __init__(self) -> None:
         self._header = bytearray()
@@ -256,10 +268,12 @@ class ResumingSession:
         self._missing = 0
         """Its payload bytes still to come."""
         self._pieces: list[memoryview] = []
-        self.records: list[tuple[int, bytes]] = []
+        self.records: list[tuple[int, list[memoryview]]] = []
         self.complete = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
+        """Take the next piece of the stream: bytes, or a view of bytes (never of a
+        buffer that may change, since views of it are kept until the record is whole)."""
         if self.complete:
             raise VfioUserError(errno.EINVAL, "data after the end of the migration stream")
         view = memoryview(data)
@@ -284,7 +298,7 @@ class ResumingSession:
                 self._missing -= taken
             if self._missing:
                 return
-            tag, payload = self._tag, b"".join(self._pieces)
+            tag, payload = self._tag, self._pieces
             self._tag, self._pieces = None, []
             if tag == TAG_END:
                 if view:
@@ -354,27 +368,33 @@ class MigrationController:
 
     # The stream
 
-    async def _pre_copy_stream(self) -> AsyncIterator[tuple[bytes, bytes]]:
+    async def _pre_copy_stream(self) -> AsyncIterator[bytes]:
         if self.support.carry_state:
-            for tag, payload in self._device.shared_state():
-                yield record(tag, payload)
+            for piece in _shared_bar_records(self._device):
+                yield piece
         async for chunk in _chunks(self._device.save_state(S.PRE_COPY)):
-            yield record(TAG_DEVICE, chunk)
+            for piece in record(TAG_DEVICE, chunk):
+                yield piece
 
-    async def _stop_copy_stream(self) -> AsyncIterator[tuple[bytes, bytes]]:
+    async def _stop_copy_stream(self) -> AsyncIterator[bytes]:
         if self.support.carry_state:
             for tag, payload in self._device.carried_state():
-                yield record(tag, payload)
+                for piece in record(tag, payload):
+                    yield piece
+            for piece in _shared_bar_records(self._device):
+                yield piece
         async for chunk in _chunks(self._device.save_state(S.STOP_COPY)):
-            yield record(TAG_DEVICE, chunk)
-        yield record(TAG_END, b"")
+            for piece in record(TAG_DEVICE, chunk):
+                yield piece
+        for piece in record(TAG_END, b""):
+            yield piece
 
     async def read(self, size: int) -> bytes:
         if self._saving is None:
             raise VfioUserError(errno.EINVAL, f"no migration data to read in {self.state.name}")
         return await self._saving.read(size)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self._resuming is None:
             raise VfioUserError(errno.EINVAL, f"migration data is not taken in {self.state.name}")
         self._resuming.write(data)
@@ -384,10 +404,15 @@ class MigrationController:
         assert session is not None
         if not session.complete:
             raise VfioUserError(errno.EINVAL, "the migration stream is incomplete")
-        device_chunks = [payload for tag, payload in session.records if tag == TAG_DEVICE]
-        self._device.restore_carried_state(
-            [(tag, payload) for tag, payload in session.records if tag != TAG_DEVICE]
-        )
+        device_chunks, carried = [], []
+        for tag, pieces in session.records:
+            if tag == TAG_DEVICE:
+                device_chunks.append(b"".join(pieces))
+            elif TAG_SHARED_BAR <= tag < TAG_DEVICE:
+                self._device.restore_shared_bar(tag - TAG_SHARED_BAR, pieces)
+            else:
+                carried.append((tag, b"".join(pieces)))
+        self._device.restore_carried_state(carried)
         done = self._device.load_state(_iterate(device_chunks))
         if done is not None:
             await done

@@ -57,7 +57,7 @@ class SharedBar:
     def read(self, offset: int, count: int) -> bytes:
         return bytes(self.memory[offset : offset + count])
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         self.memory[offset : offset + len(data)] = data
 
     async def changes(self, offset: int, size: int, interval: float) -> AsyncIterator[bytes]:

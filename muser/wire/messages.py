@@ -366,6 +366,9 @@ class MigData(Layout):
     data: bytes = wire(_tail)
 
 
+MIG_DATA_PREFIX = prefix_codec(MigData)
+
+
 REQUESTS: dict[Command, type[Layout]] = {
     Command.VERSION: Version,
     Command.DMA_MAP: DmaMap,

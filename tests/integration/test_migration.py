@@ -13,6 +13,7 @@ import pytest
 
 import muser
 from muser import Bar, Client, Migration, MigrationState, Server, VfioUserError
+from muser.device import migration
 from muser.device.irq import Delivery
 from muser.device.regions import SharedMemory
 from muser.wire.constants import Command, FeatureFlag, IrqSetFlag, MigrationFlag
@@ -244,8 +245,53 @@ async def test_commands_refused_by_state(pair: tuple[Stateful, Client, Stateful,
     await src.set_migration_state(S.RESUMING)
     await refused(Command.MIG_DATA_READ, read)
     await refused(Command.MIG_DATA_WRITE, MigData(8 + 4, 5, b"junk").build())
+    await refused(Command.MIG_DATA_WRITE, MigData(8 + 3, 4, b"junk").build())
+    await refused(Command.MIG_DATA_WRITE, MigData(8, 0, b"").build()[:6])
     huge = b"\x01\x00" + (1 << 50).to_bytes(8, "little")
     await refused(Command.MIG_DATA_WRITE, MigData(8 + len(huge), len(huge), huge).build())
+
+
+async def test_a_bar_larger_than_a_piece_arrives_whole(
+    pair: tuple[Stateful, Client, Stateful, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mappable BAR memory is streamed a piece at a time and put back piece by
+    piece, the pieces cut across the MIG_DATA messages that carry them."""
+    source, src, destination, dst = pair
+    monkeypatch.setattr(migration, "BAR_PIECE", 0x700)
+    source.shared_memory(2)[:0x2000] = os.urandom(0x2000)
+    await muser.migrate(src, dst, pre_copy_rounds=1, chunk_size=0x500)
+    assert bytes(destination.shared_memory(2)) == bytes(source.shared_memory(2))
+    assert destination.registers == source.registers
+
+
+def stream(*records: tuple[int, bytes]) -> bytes:
+    """A migration stream of these records, then its end."""
+    return b"".join(
+        tag.to_bytes(2, "little") + len(payload).to_bytes(8, "little") + payload
+        for tag, payload in (*records, (migration.TAG_END, b""))
+    )
+
+
+@pytest.mark.parametrize(
+    "misfit",
+    [
+        (migration.TAG_SHARED_BAR + 2, bytes(0x3FFF)),
+        (migration.TAG_SHARED_BAR + 0, bytes(0x1000)),
+        (migration.TAG_SHARED_BAR + 6, b""),
+        (migration.TAG_CONFIG, bytes(3)),
+    ],
+    ids=["bar-size", "bar-not-shared", "bar-beyond-six", "config-size"],
+)
+async def test_a_record_that_does_not_fit_fails_the_load(
+    pair: tuple[Stateful, Client, Stateful, Client], misfit: tuple[int, bytes]
+) -> None:
+    _source, src, _destination, _dst = pair
+    await src.set_migration_state(S.RESUMING)
+    await src.mig_data_write(stream(misfit))
+    with pytest.raises(VfioUserError) as caught:
+        await src.set_migration_state(S.STOP)
+    assert caught.value.errno == errno.EINVAL
+    assert await src.migration_state() == S.ERROR
 
 
 async def test_incomplete_stream_fails_the_load(
