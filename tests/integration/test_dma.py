@@ -325,6 +325,15 @@ async def test_max_dma_maps_is_advertised(client: Client) -> None:
     assert client.server.max_dma_maps == 65535
 
 
+async def peer_with_window(sock_path: str, flags: int) -> RawPeer:
+    """A raw client, negotiated, that mapped 4 KiB at 0x100000 without an fd."""
+    peer = await RawPeer.connect(sock_path)
+    await peer.negotiate()
+    peer.send(message(1, Command.DMA_MAP, DmaMap(32, flags, 0, 0x100000, 0x1000).build()))
+    assert (await peer.receive())[0].flags == 1
+    return peer
+
+
 class TestMessageDma:
     @pytest.mark.parametrize(
         ("server_layout", "client_layout"),
@@ -374,10 +383,7 @@ class TestMessageDma:
         does, still answers in its own: the mismatch reaches the device as EIO and
         the log as an error, instead of passing unseen."""
         async with Server(device, sock_path, dma_layout=layout):
-            peer = await RawPeer.connect(sock_path)
-            await peer.negotiate()
-            peer.send(message(1, Command.DMA_MAP, DmaMap(32, 3, 0, 0x100000, 0x1000).build()))
-            assert (await peer.receive())[0].flags == 1
+            peer = await peer_with_window(sock_path, 3)
             with structlog.testing.capture_logs() as logs:
                 write = asyncio.create_task(device.dma.write(0x100000, b"\1" * 64))
                 request, _payload = await peer.receive()
@@ -435,10 +441,7 @@ class TestMessageDma:
         """DMA_READ's reply gives back the address and count asked and exactly that
         many bytes (QEMU's may pad them); anything else is EIO, never other data."""
         async with Server(device, sock_path, dma_layout=layout):
-            peer = await RawPeer.connect(sock_path)
-            await peer.negotiate()
-            peer.send(message(1, Command.DMA_MAP, DmaMap(32, 1, 0, 0x100000, 0x1000).build()))
-            assert (await peer.receive())[0].flags == 1
+            peer = await peer_with_window(sock_path, 1)
             reading = asyncio.create_task(device.dma.read(0x100000, 4))
             request, payload = await peer.receive()
             assert (request.command, payload) == (
@@ -460,10 +463,7 @@ class TestMessageDma:
         """A spec client may refuse an empty or read-only DMA_WRITE; QEMU never does,
         so an error answer to AUTO's question means the spec's layout."""
         async with Server(device, sock_path):
-            peer = await RawPeer.connect(sock_path)
-            await peer.negotiate()
-            peer.send(message(1, Command.DMA_MAP, DmaMap(32, 1, 0, 0x100000, 0x1000).build()))
-            assert (await peer.receive())[0].flags == 1
+            peer = await peer_with_window(sock_path, 1)
             read = asyncio.create_task(device.dma.read(0x100000, 4))
             probe, payload = await peer.receive()
             assert (probe.command, payload) == (Command.DMA_WRITE, struct.pack("<QQ", 0x100000, 0))
