@@ -90,6 +90,10 @@ GATHER_FROM = 64 * 1024
 the received pieces and joined once, when whole, instead of being appended to a
 growing buffer and then copied out: megabytes of DMA or migration data are
 copied once instead of twice."""
+_SMALL_PIECE = 4096
+"""Pieces smaller than this are gathered into one buffer, not kept one by one: a
+client sending a large message a few bytes at a time must not make us hold an
+object per receive."""
 
 
 def encode_header(
@@ -120,7 +124,7 @@ class Framer:
         self._gathering: tuple[int, int, int, int] | None = None
         """The header (msg_id, command, flags, error) of a large message whose
         payload is being gathered piece by piece."""
-        self._gathered: list[bytes | memoryview] = []
+        self._gathered: list[bytes | bytearray | memoryview] = []
         self._missing = 0
         """Payload bytes of that message still to come."""
 
@@ -202,6 +206,15 @@ class Framer:
         self._gathered = [first]
         self._missing = size - HEADER_SIZE - len(first)
 
+    def _keep_piece(self, piece: bytes | memoryview) -> None:
+        gathered = self._gathered
+        if len(piece) >= _SMALL_PIECE:
+            gathered.append(piece)
+        elif type(gathered[-1]) is bytearray:
+            gathered[-1] += piece
+        else:
+            gathered.append(bytearray(piece))
+
     def _gather(self, data: bytes, fds: Sequence[int]) -> list[Frame]:
         """Take the next piece of a large message; once it is whole, frame it and
         read on in what followed it."""
@@ -209,13 +222,13 @@ class Framer:
         if len(data) < missing or (fds and len(data) == missing):
             if fds:
                 self._refuse_body_fds(fds, [])
-            self._gathered.append(data)
+            self._keep_piece(data)
             self._missing -= len(data)
             self.buffered += len(data)
             return []
         header = self._gathering
         assert header is not None
-        self._gathered.append(data if len(data) == missing else memoryview(data)[:missing])
+        self._keep_piece(data if len(data) == missing else memoryview(data)[:missing])
         frame = Frame(*header, b"".join(self._gathered), self._pending_fds)
         self._pending_fds = []
         self._gathering, self._gathered, self._missing = None, [], 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import tracemalloc
 
 import pytest
 from hypothesis import given
@@ -186,3 +187,21 @@ def test_a_bad_header_after_a_large_message_keeps_it() -> None:
     with pytest.raises(FramingError, match="smaller") as caught:
         framer.feed(large[100:] + message(2, 1, size=3))
     assert [frame.payload for frame in caught.value.frames] == [bytes(GATHER_FROM)]
+
+
+def test_a_large_message_sent_a_few_bytes_at_a_time_is_held_once() -> None:
+    """Tiny receives of a gathered message are kept together, not an object each:
+    holding it costs about its size, however it is cut."""
+    data = message(1, Command.REGION_WRITE, bytes(range(256)) * (GATHER_FROM // 256))
+    framer = Framer(1 << 20)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for position in range(0, len(data) - 3, 3):
+            assert framer.feed(data[position : position + 3]) == []
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * len(data)
+    (frame,) = framer.feed(data[position + 3 :])
+    assert frame.encode() == data
