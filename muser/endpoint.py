@@ -185,7 +185,7 @@ class Endpoint:
         *,
         error: int = 0,
     ) -> None:
-        if isinstance(payload, bytes):
+        if not isinstance(payload, tuple):  # one buffer: bytes, or any bytes-like
             header = encode_header(msg_id, command, len(payload), flags, error)
             buffers: tuple[bytes, ...] = (header, payload) if payload else (header,)
         else:

@@ -233,3 +233,13 @@ async def test_a_backlog_of_large_and_small_pieces_arrives_intact() -> None:
     assert sender.write_buffer_size == 0
     sender.close()
     receiver.close()
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+async def test_a_request_payload_may_be_any_bytes_like(
+    big_device: PciDevice, sock_path: str, kind: type
+) -> None:
+    async with Server(big_device, sock_path), await Client.connect(sock_path) as client:
+        request = kind(RegionAccess(0, 0, 4).build())
+        reply = await client.request(Command.REGION_READ, request)
+        assert reply.payload == RegionAccess(0, 0, 4).build() + bytes(range(4))
