@@ -188,7 +188,7 @@ def record(tag: int, payload: bytes) -> Iterator[bytes]:
     """A record as pieces of the stream: its header, then its payload, not joined
     (the payload may be megabytes)."""
     yield RecordHeader(tag, len(payload)).build()
-    yield payload
+    yield bytes(payload)  # a copy only if it is not bytes already: held until read
 
 
 def _shared_bar_records(device: PciDevice) -> Iterator[bytes]:
@@ -404,15 +404,18 @@ class MigrationController:
         assert session is not None
         if not session.complete:
             raise VfioUserError(errno.EINVAL, "the migration stream is incomplete")
-        device_chunks, carried = [], []
+        device_chunks, carried, bars = [], [], []
         for tag, pieces in session.records:
             if tag == TAG_DEVICE:
                 device_chunks.append(b"".join(pieces))
             elif TAG_SHARED_BAR <= tag < TAG_DEVICE:
-                self._device.restore_shared_bar(tag - TAG_SHARED_BAR, pieces)
+                bars.append((tag - TAG_SHARED_BAR, pieces))
             else:
                 carried.append((tag, b"".join(pieces)))
+        # BAR memory is what the client sees mapped: written only once the rest fits
         self._device.restore_carried_state(carried)
+        for index, pieces in bars:
+            self._device.restore_shared_bar(index, pieces)
         done = self._device.load_state(_iterate(device_chunks))
         if done is not None:
             await done

@@ -294,6 +294,20 @@ async def test_a_record_that_does_not_fit_fails_the_load(
     assert await src.migration_state() == S.ERROR
 
 
+async def test_a_refused_load_leaves_the_mapped_bar_alone(
+    pair: tuple[Stateful, Client, Stateful, Client],
+) -> None:
+    """BAR memory is what the client sees mapped: a stream refused for any other
+    record does not write it, wherever the BAR record stands in the stream."""
+    source, src, _destination, _dst = pair
+    bar = migration.TAG_SHARED_BAR + 2
+    await src.set_migration_state(S.RESUMING)
+    await src.mig_data_write(stream((bar, b"\xaa" * 0x4000), (migration.TAG_CONFIG, bytes(3))))
+    with pytest.raises(VfioUserError):
+        await src.set_migration_state(S.STOP)
+    assert bytes(source.shared_memory(2)) == bytes(0x4000)
+
+
 async def test_incomplete_stream_fails_the_load(
     pair: tuple[Stateful, Client, Stateful, Client],
 ) -> None:
