@@ -199,8 +199,9 @@ class ServerConnection(Endpoint):
         ] = (0, 0, (), (), device.write_region)
         """What the fast lane needs, fetched once: message and transfer limits, region
         sizes, region readers, the region writer."""
-        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        """Done once the client is gone and the device has been told."""
+        self.finished = asyncio.Event()
+        """Set once the client is gone and the device has been told. An event, not a
+        future: a waiter that is cancelled must not cancel it for the others."""
         self._handlers: dict[int, Handler] = {
             Command.VERSION: self._version,
             Command.DEVICE_GET_INFO: self._device_info,
@@ -516,7 +517,7 @@ class ServerConnection(Endpoint):
         except Exception as exc:
             self.log.exception("device reset after lost connection failed", exc_info=exc)
         finally:
-            self.finished.set_result(None)
+            self.finished.set()
 
     # Command handlers
 

@@ -309,7 +309,7 @@ class Server:
         return allowed
 
     async def _session(self, connection: ServerConnection) -> None:
-        await connection.finished
+        await connection.finished.wait()
         connection.log.info("client disconnected")
         self.connection = None
         if self._listener is None:

@@ -160,7 +160,7 @@ async def attach(
                 client.close()
                 await client.wait_closed()
                 if connection is not None:
-                    await connection.finished
+                    await connection.finished.wait()
                 session._release()
 
 

@@ -213,6 +213,33 @@ async def test_lost_connection_waits_for_in_flight_handler(
     assert device.resets == [ResetReason.LOST_CONNECTION]
 
 
+async def test_a_cancelled_waiter_does_not_spoil_the_end_of_a_session(
+    server: Server, device: RecordingDevice
+) -> None:
+    """Tasks that wait for a session's end can be cancelled (asyncio.run cancels
+    every task when the program ends) without muser's own teardown failing: the
+    device still hears of the lost client and the end is still announced."""
+    client = await Client.connect(server.path)
+    await client.get_device_info()
+    connection = server.connection
+    assert connection is not None
+    waiters = [asyncio.create_task(connection.finished.wait()), *server._sessions]
+    await asyncio.sleep(0)
+    for waiter in waiters:
+        waiter.cancel()
+    failures: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: failures.append(context))
+    try:
+        client.close()
+        await asyncio.wait_for(connection.finished.wait(), 5)
+        await asyncio.sleep(0.01)
+    finally:
+        loop.set_exception_handler(None)
+    assert device.resets == [ResetReason.LOST_CONNECTION]
+    assert failures == []
+
+
 async def test_a_failing_connection_setup_keeps_the_server_accepting(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
