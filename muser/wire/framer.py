@@ -14,6 +14,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from muser.errors import ProtocolError
 from muser.wire.constants import (
@@ -207,6 +208,7 @@ class Framer:
         self._missing = size - HEADER_SIZE - len(first)
 
     def _keep_piece(self, piece: bytes | memoryview) -> None:
+        """Add to the gathered message: a large piece as it is, a small one copied."""
         gathered = self._gathered
         if len(piece) >= _SMALL_PIECE:
             gathered.append(piece)
@@ -219,9 +221,9 @@ class Framer:
         """Take the next piece of a large message; once it is whole, frame it and
         read on in what followed it."""
         missing = self._missing
-        if len(data) < missing or (fds and len(data) == missing):
-            if fds:
-                self._refuse_body_fds(fds, [])
+        if fds and len(data) <= missing:
+            self._refuse_body_fds(fds, [])
+        if len(data) < missing:
             self._keep_piece(data)
             self._missing -= len(data)
             self.buffered += len(data)
@@ -254,7 +256,7 @@ class Framer:
             # one whose body carried the fds: it is the violation, not before it.
             self._refuse_body_fds(fds, frames)
 
-    def _refuse_body_fds(self, fds: Sequence[int], frames: list[Frame]) -> None:
+    def _refuse_body_fds(self, fds: Sequence[int], frames: list[Frame]) -> NoReturn:
         close_fds(fds)
         self.close()
         for frame in frames:

@@ -272,6 +272,7 @@ QEMU_DMA_PADDING = bytes(4)
 DMA_ACCESS_CODEC = joined_codec(DmaAccess)
 """DmaAccess, and the fixed start of DmaData, in one struct call."""
 DMA_DATA_QEMU_PREFIX = prefix_codec(DmaDataQemu)
+"""DmaDataQemu's address and u32 count, ahead of its data."""
 
 
 @layout
@@ -367,6 +368,7 @@ class MigData(Layout):
 
 
 MIG_DATA_PREFIX = prefix_codec(MigData)
+"""MigData's argsz and size, ahead of its data."""
 
 
 REQUESTS: dict[Command, type[Layout]] = {
