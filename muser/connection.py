@@ -386,7 +386,12 @@ class ServerConnection(Endpoint):
         """Run the frame's handler; answer it now if it finished, else return what to await."""
         try:
             result = self._handle(frame)
-            if inspect.isawaitable(result):
+            # most handlers answer at once, and isawaitable's ABC check costs
+            if (
+                result is not None
+                and not isinstance(result, Layout | Reply)
+                and inspect.isawaitable(result)
+            ):
                 return result
             self._reply(frame, result)
         except Exception as exc:

@@ -34,6 +34,10 @@ from muser.wire.messages import IrqSet
 _EVENTFD_LINK = "anon_inode:[eventfd]"
 _KNOWN_SET_FLAGS = int(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK)
 """A plain int: `~` on an IntFlag only complements the flag's own bits."""
+_ACTION_BITS, _DATA_BITS = int(IRQ_SET_ACTION_MASK), int(IRQ_SET_DATA_MASK)
+"""Plain ints too: IntFlag arithmetic costs microseconds, and SET_IRQS unmasks may
+come with every interrupt."""
+_DISABLE_INDEX = int(IrqSetFlag.ACTION_TRIGGER | IrqSetFlag.DATA_NONE)
 
 
 class Delivery(Enum):
@@ -514,8 +518,8 @@ class Interrupts:
         flags, index, start, count = request.flags, request.index, request.start, request.count
         data = request.data
         irq = self._by_index[index]
-        action = flags & IRQ_SET_ACTION_MASK
-        data_type = flags & IRQ_SET_DATA_MASK
+        action = flags & _ACTION_BITS
+        data_type = flags & _DATA_BITS
         if data_type == IrqSetFlag.DATA_BOOL:
             selected = [start + offset for offset, flag in enumerate(data) if flag]
         else:
@@ -549,8 +553,8 @@ class Interrupts:
             raise refuse(f"argsz {request.argsz} is smaller than the request")
         if flags & ~_KNOWN_SET_FLAGS:
             raise refuse(f"unknown flag bits {flags & ~_KNOWN_SET_FLAGS:#x}")
-        action = flags & IRQ_SET_ACTION_MASK
-        data_type = flags & IRQ_SET_DATA_MASK
+        action = flags & _ACTION_BITS
+        data_type = flags & _DATA_BITS
         if action.bit_count() != 1 or data_type.bit_count() != 1:
             raise refuse("exactly one action and one data type")
         if index >= len(self._by_index):
@@ -558,9 +562,7 @@ class Interrupts:
         irq = self._by_index[index]
         if start >= irq.count or start + count > irq.count:
             raise refuse(f"vectors {start}+{count} outside the {irq.count} of index {index}")
-        if count == 0 and (
-            start != 0 or flags != IrqSetFlag.ACTION_TRIGGER | IrqSetFlag.DATA_NONE
-        ):
+        if count == 0 and (start != 0 or flags != _DISABLE_INDEX):
             raise refuse("count 0 is only TRIGGER|DATA_NONE from vector 0 (disable)")
         if index in (IrqIndex.ERR, IrqIndex.REQ) and (
             action != IrqSetFlag.ACTION_TRIGGER or count > 1

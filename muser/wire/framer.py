@@ -64,7 +64,8 @@ class Frame:
         return fds
 
     def close_fds(self) -> None:
-        close_fds(self.take_fds())
+        if self.fds:  # most frames carry none
+            close_fds(self.take_fds())
 
     def encode(self) -> bytes:
         """The frame as it would go over the wire, fds aside."""
