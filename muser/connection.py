@@ -108,21 +108,24 @@ _SPEC_DEFAULTS = {
     "pgsizes": DEFAULT_PGSIZES,
     "max_dma_maps": DEFAULT_MAX_DMA_MAPS,
 }
+_GET, _SET, _PROBE = int(FeatureFlag.GET), int(FeatureFlag.SET), int(FeatureFlag.PROBE)
+_UNMAP_ALL = int(DmaUnmapFlag.UNMAP_ALL)
+_GET_DIRTY_BITMAP = int(DmaUnmapFlag.GET_DIRTY_BITMAP)
+"""Plain ints: `flags & FeatureFlag.GET` goes through IntFlag's __rand__, a
+microsecond or more each."""
 _FEATURE_OPS: dict[int, int] = {
-    Feature.DMA_LOGGING_START: FeatureFlag.SET,
-    Feature.DMA_LOGGING_STOP: FeatureFlag.SET,
-    Feature.DMA_LOGGING_REPORT: FeatureFlag.GET,
+    Feature.DMA_LOGGING_START: _SET,
+    Feature.DMA_LOGGING_STOP: _SET,
+    Feature.DMA_LOGGING_REPORT: _GET,
 }
 """The DEVICE_FEATURE operations muser serves for every device, by feature."""
 _MIGRATION_FEATURE_OPS: dict[int, int] = {
-    Feature.MIGRATION: FeatureFlag.GET,
-    Feature.MIG_DEVICE_STATE: FeatureFlag.GET | FeatureFlag.SET,
+    Feature.MIGRATION: _GET,
+    Feature.MIG_DEVICE_STATE: _GET | _SET,
 }
 """And for a device that declared migration."""
-_KNOWN_FEATURE_BITS = int(
-    FeatureFlag.INDEX_MASK | FeatureFlag.GET | FeatureFlag.SET | FeatureFlag.PROBE
-)
-_UNMAP_FLAGS = int(DmaUnmapFlag.GET_DIRTY_BITMAP | DmaUnmapFlag.UNMAP_ALL)
+_KNOWN_FEATURE_BITS = int(FeatureFlag.INDEX_MASK) | _GET | _SET | _PROBE
+_UNMAP_FLAGS = _GET_DIRTY_BITMAP | _UNMAP_ALL
 
 
 _PLAIN_COMMAND_FLAGS = (FLAGS_COMMAND, FLAGS_POSTED_COMMAND)
@@ -717,11 +720,11 @@ class ServerConnection(Endpoint):
         flags = request.flags
         if flags & ~_UNMAP_FLAGS:
             raise VfioUserError(errno.ENOTSUP, f"DMA_UNMAP flags {flags:#x} are not supported")
-        if flags & DmaUnmapFlag.UNMAP_ALL:
-            if flags & DmaUnmapFlag.GET_DIRTY_BITMAP or request.address or request.size:
+        if flags & _UNMAP_ALL:
+            if flags & _GET_DIRTY_BITMAP or request.address or request.size:
                 raise ProtocolError("UNMAP_ALL takes no range and no dirty bitmap")
             done = self.device.dma.unmap_all()
-        elif flags & DmaUnmapFlag.GET_DIRTY_BITMAP:
+        elif flags & _GET_DIRTY_BITMAP:
             raise VfioUserError(
                 errno.ENOTSUP,
                 "DMA_UNMAP's legacy dirty bitmap is not supported; use DEVICE_FEATURE DMA logging",
@@ -736,13 +739,13 @@ class ServerConnection(Endpoint):
         refuses the migration features with EINVAL, as libvfio-user does)."""
         request = DeviceFeature.parse(frame.payload)
         flags, feature = request.flags, request.feature
-        probe = bool(flags & FeatureFlag.PROBE)
-        operations = flags & (FeatureFlag.GET | FeatureFlag.SET)
+        probe = bool(flags & _PROBE)
+        operations = flags & (_GET | _SET)
         if flags & ~_KNOWN_FEATURE_BITS:
             raise ProtocolError(f"unknown DEVICE_FEATURE flag bits in {flags:#x}")
         if not operations and not probe:
             raise ProtocolError("DEVICE_FEATURE without GET, SET or PROBE")
-        if operations == FeatureFlag.GET | FeatureFlag.SET and not probe:
+        if operations == _GET | _SET and not probe:
             raise ProtocolError("DEVICE_FEATURE GET and SET together without PROBE")
         supported = _FEATURE_OPS.get(feature)
         if supported is None and self.device.migration is not None:
@@ -770,7 +773,7 @@ class ServerConnection(Endpoint):
 
     def _migration_feature(self, request: DeviceFeature) -> Outcome | Awaitable[Outcome]:
         migration = self._migration()
-        if request.flags & FeatureFlag.GET:
+        if request.flags & _GET:
             if request.feature == Feature.MIGRATION:
                 data = MigrationFeature(migration.flags).build()
             else:

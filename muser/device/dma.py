@@ -41,7 +41,11 @@ MAX_WINDOW_SIZE = 1 << 43
 """Larger windows are refused with ENOSPC, as libvfio-user does (8 TiB)."""
 DEFAULT_MAX_WINDOWS = 65535
 _ADDRESS_LIMIT = 1 << 64
-_KNOWN_MAP_FLAGS = int(DmaMapFlag.READ | DmaMapFlag.WRITE | DmaMapFlag.MMAP | DmaMapFlag.FILE_IO)
+_READ, _WRITE = int(DmaMapFlag.READ), int(DmaMapFlag.WRITE)
+_MMAP, _FILE_IO = int(DmaMapFlag.MMAP), int(DmaMapFlag.FILE_IO)
+"""Plain ints: `flags & DmaMapFlag.READ` goes through IntFlag's __rand__, a
+microsecond or more each, and a vIOMMU guest maps and unmaps all the time."""
+_KNOWN_MAP_FLAGS = _READ | _WRITE | _MMAP | _FILE_IO
 
 
 class DmaLayout(Enum):
@@ -98,8 +102,8 @@ class DmaWindow:
         self.offset = offset
         self.identity = identity
         """(device, inode) of the file behind the window, to recognise a re-map."""
-        self.readable = bool(flags & DmaMapFlag.READ)
-        self.writable = bool(flags & DmaMapFlag.WRITE)
+        self.readable = bool(flags & _READ)
+        self.writable = bool(flags & _WRITE)
         self._mapping: mmap.mmap | None = None
         self.view: memoryview | None = None
         """The window's bytes when it is mmapped; None when it is reached otherwise."""
@@ -109,7 +113,7 @@ class DmaWindow:
         self._released: asyncio.Event | None = None
         if fd is None:
             return
-        if flags & DmaMapFlag.FILE_IO:
+        if flags & _FILE_IO:
             self.file_fd = fd
         else:
             self._map(fd)
@@ -326,11 +330,11 @@ class DmaSpace:
             raise VfioUserError(
                 errno.EINVAL, f"unknown DMA_MAP flags {flags & ~_KNOWN_MAP_FLAGS:#x}"
             )
-        if not flags & (DmaMapFlag.READ | DmaMapFlag.WRITE):
+        if not flags & (_READ | _WRITE):
             raise VfioUserError(errno.EINVAL, "a window must be readable or writable")
-        if fd is None and flags & (DmaMapFlag.MMAP | DmaMapFlag.FILE_IO):
+        if fd is None and flags & (_MMAP | _FILE_IO):
             raise VfioUserError(errno.EINVAL, "MMAP and FILE_IO need a file descriptor")
-        if flags & DmaMapFlag.MMAP and flags & DmaMapFlag.FILE_IO:
+        if flags & _MMAP and flags & _FILE_IO:
             raise VfioUserError(errno.EINVAL, "MMAP and FILE_IO exclude each other")
         if not size or address % PAGE_SIZE or size % PAGE_SIZE:
             raise VfioUserError(errno.EINVAL, f"window {address:#x}+{size:#x} is not whole pages")
