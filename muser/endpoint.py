@@ -101,14 +101,19 @@ class Endpoint:
             and not self._debug
             and self._recorder is None
         ):
-            # One whole reply, as each of ours comes: matched without the framer.
+            # One whole message, as a peer waiting on each answer sends them: taken
+            # without the framer, whose header checks these are.
             msg_id, command, size, flags, error = HEADER_CODEC.unpack_from(data)
-            if (
-                size == len(data) <= framer.max_message_size
-                and flags & MESSAGE_TYPE_MASK == FLAGS_REPLY
-            ):
-                self._reply_received(Frame(msg_id, command, flags, error, data[HEADER_SIZE:]))
-                return
+            if size == len(data) <= framer.max_message_size:
+                message_type = flags & MESSAGE_TYPE_MASK
+                if message_type == FLAGS_REPLY:
+                    self._reply_received(Frame(msg_id, command, flags, error, data[HEADER_SIZE:]))
+                    return
+                if message_type == FLAGS_COMMAND:
+                    self._command_received(
+                        Frame(msg_id, command, flags, error, data[HEADER_SIZE:])
+                    )
+                    return
         try:
             frames = self._framer.feed(data, fds)
             broken: FramingError | None = None
