@@ -337,32 +337,41 @@ class PciDevice:
             records.append((TAG_MSIX_TABLE, bytes(self.irqs.msix_table.entries)))
         return records
 
-    def restore_carried_state(self, records: list[tuple[int, bytes]]) -> None:
-        """Apply what the source carried; a record that doesn't fit this device is EINVAL."""
-        for tag, payload in records:
-            if tag == TAG_CONFIG and len(payload) == self.config.size:
+    def restore_carried_state(
+        self, records: Sequence[tuple[int, Sequence[bytes | memoryview]]]
+    ) -> None:
+        """Apply what the source carried, each record's payload in the pieces it
+        came in, all or nothing: a record that doesn't fit this device is EINVAL
+        before any is applied."""
+        for tag, pieces in records:
+            if not self._carried_record_fits(tag, sum(map(len, pieces))):
+                raise VfioUserError(errno.EINVAL, f"migration record {tag:#x} does not fit")
+        for tag, pieces in records:
+            if TAG_SHARED_BAR <= tag < TAG_SHARED_BAR + NUM_BARS:
+                shared, offset = self.shared[tag - TAG_SHARED_BAR], 0
+                for piece in pieces:  # megabytes: put in place as they came
+                    shared.write(offset, piece)
+                    offset += len(piece)
+                continue
+            payload = b"".join(pieces)
+            if tag == TAG_CONFIG:
                 self.config.set_register(0, self.config.size, int.from_bytes(payload, "little"))
             elif tag == TAG_INTERRUPTS:
                 self.irqs.restore(payload)
-            elif (
-                tag == TAG_MSIX_TABLE
-                and self.irqs.msix_table is not None
-                and len(payload) == len(self.irqs.msix_table.entries)
-            ):
+            elif tag == TAG_MSIX_TABLE and self.irqs.msix_table is not None:
                 self.irqs.msix_table.restore(payload)
-            else:
-                raise VfioUserError(errno.EINVAL, f"migration record {tag:#x} does not fit")
 
-    def restore_shared_bar(self, index: int, pieces: Sequence[bytes | memoryview]) -> None:
-        """Put a mappable BAR's migrated memory in place, piece by piece as it came."""
-        shared = self.shared.get(index)
-        if shared is None or sum(map(len, pieces)) != shared.size:
-            tag = TAG_SHARED_BAR + index
-            raise VfioUserError(errno.EINVAL, f"migration record {tag:#x} does not fit")
-        offset = 0
-        for piece in pieces:
-            shared.write(offset, piece)
-            offset += len(piece)
+    def _carried_record_fits(self, tag: int, length: int) -> bool:
+        if tag == TAG_CONFIG:
+            return length == self.config.size
+        if tag == TAG_INTERRUPTS:
+            return length == self.irqs.state_size
+        if tag == TAG_MSIX_TABLE:
+            table = self.irqs.msix_table
+            return table is not None and length == len(table.entries)
+        index = tag - TAG_SHARED_BAR
+        shared = self.shared.get(index) if 0 <= index < NUM_BARS else None
+        return shared is not None and length == shared.size
 
     def handle_reset(self, reason: ResetReason) -> Awaitable[None] | None:
         """What muser does on a reset: DEVICE_RESET and FLR put config space, the MSI-X

@@ -477,9 +477,14 @@ class Interrupts:
             for value, irq in zip(bits, self._by_index, strict=True)
         )
 
+    @property
+    def state_size(self) -> int:
+        """The length of what `save` returns for this device."""
+        return 1 + sum((irq.count + 7) // 8 for irq in self._by_index)
+
     def restore(self, state: bytes) -> None:
         sizes = [(irq.count + 7) // 8 for irq in self._by_index]
-        if len(state) != 1 + sum(sizes):
+        if len(state) != self.state_size:
             raise VfioUserError(errno.EINVAL, "interrupt state of another device")
         self.intx.level = bool(state[0])
         position = 1

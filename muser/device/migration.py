@@ -404,18 +404,10 @@ class MigrationController:
         assert session is not None
         if not session.complete:
             raise VfioUserError(errno.EINVAL, "the migration stream is incomplete")
-        device_chunks, carried, bars = [], [], []
-        for tag, pieces in session.records:
-            if tag == TAG_DEVICE:
-                device_chunks.append(b"".join(pieces))
-            elif TAG_SHARED_BAR <= tag < TAG_DEVICE:
-                bars.append((tag - TAG_SHARED_BAR, pieces))
-            else:
-                carried.append((tag, b"".join(pieces)))
-        # BAR memory is what the client sees mapped: written only once the rest fits
-        self._device.restore_carried_state(carried)
-        for index, pieces in bars:
-            self._device.restore_shared_bar(index, pieces)
+        device_chunks = [b"".join(pieces) for tag, pieces in session.records if tag == TAG_DEVICE]
+        self._device.restore_carried_state(
+            [(tag, pieces) for tag, pieces in session.records if tag != TAG_DEVICE]
+        )
         done = self._device.load_state(_iterate(device_chunks))
         if done is not None:
             await done

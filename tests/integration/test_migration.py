@@ -294,18 +294,35 @@ async def test_a_record_that_does_not_fit_fails_the_load(
     assert await src.migration_state() == S.ERROR
 
 
-async def test_a_refused_load_leaves_the_mapped_bar_alone(
-    pair: tuple[Stateful, Client, Stateful, Client],
+@pytest.mark.parametrize(
+    "misfit",
+    [
+        (migration.TAG_CONFIG, bytes(3)),
+        (migration.TAG_SHARED_BAR + 0, bytes(0x1000)),
+        (migration.TAG_INTERRUPTS, bytes(1)),
+    ],
+    ids=["config", "bar", "interrupts"],
+)
+async def test_a_refused_load_applies_none_of_muser_s_records(
+    pair: tuple[Stateful, Client, Stateful, Client], misfit: tuple[int, bytes]
 ) -> None:
-    """BAR memory is what the client sees mapped: a stream refused for any other
-    record does not write it, wherever the BAR record stands in the stream."""
+    """muser's records are all checked before any is applied: a record that does
+    not fit, before or after the others, leaves config space and the mapped BAR
+    (which the client sees) as they were."""
     source, src, _destination, _dst = pair
-    bar = migration.TAG_SHARED_BAR + 2
-    await src.set_migration_state(S.RESUMING)
-    await src.mig_data_write(stream((bar, b"\xaa" * 0x4000), (migration.TAG_CONFIG, bytes(3))))
-    with pytest.raises(VfioUserError):
-        await src.set_migration_state(S.STOP)
-    assert bytes(source.shared_memory(2)) == bytes(0x4000)
+    config = bytearray(source.config.read(0, source.config.size))
+    config[0x3C] = 0x5A  # Interrupt Line, writable
+    good = [(migration.TAG_SHARED_BAR + 2, b"\xaa" * 0x4000), (migration.TAG_CONFIG, config)]
+    for records in ([misfit, *good], [*good, misfit]):
+        before = source.config.read(0, source.config.size)
+        await src.set_migration_state(S.RESUMING)
+        await src.mig_data_write(stream(*records))
+        with pytest.raises(VfioUserError) as caught:
+            await src.set_migration_state(S.STOP)
+        assert caught.value.errno == errno.EINVAL
+        assert source.config.read(0, source.config.size) == before
+        assert bytes(source.shared_memory(2)) == bytes(0x4000)
+        await src.reset()
 
 
 async def test_incomplete_stream_fails_the_load(
