@@ -191,6 +191,8 @@ class Endpoint:
         error: int = 0,
     ) -> None:
         if not isinstance(payload, tuple):  # one buffer: bytes, or any bytes-like
+            if type(payload) is not bytes:
+                payload = bytes(payload)  # len() of a view counts items, not bytes
             header = encode_header(msg_id, command, len(payload), flags, error)
             buffers: tuple[bytes, ...] = (header, payload) if payload else (header,)
         else:

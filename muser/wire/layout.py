@@ -78,8 +78,9 @@ class Layout:
         part, so that sending it with the rest copies it no more."""
         if self.HAS_TAIL and self.CODEC is not None:
             values = type(self).VALUES(self)
+            tail = values[-1]
             try:
-                return self.CODEC.pack(*values[:-1]), values[-1]
+                return self.CODEC.pack(*values[:-1]), tail if type(tail) is bytes else bytes(tail)
             except struct.error as exc:
                 raise ValueError(f"cannot build {type(self).__name__}: {exc}") from None
         return (self.build(),)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -235,9 +237,13 @@ async def test_a_backlog_of_large_and_small_pieces_arrives_intact() -> None:
     receiver.close()
 
 
-@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+@pytest.mark.parametrize(
+    "kind",
+    [bytes, bytearray, memoryview, lambda data: memoryview(data).cast("I")],
+    ids=["bytes", "bytearray", "memoryview", "memoryview-of-u32"],
+)
 async def test_a_request_payload_may_be_any_bytes_like(
-    big_device: PciDevice, sock_path: str, kind: type
+    big_device: PciDevice, sock_path: str, kind: Callable[[bytes], Any]
 ) -> None:
     async with Server(big_device, sock_path), await Client.connect(sock_path) as client:
         request = kind(RegionAccess(0, 0, 4).build())
