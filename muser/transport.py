@@ -207,12 +207,12 @@ class FdTransport:
             if len(self._writes) == 1:
                 self._loop.add_writer(self._fd, self._on_writable)
         for buffer in buffers:
-            size = len(buffer)
+            # the caller may change a buffer of its own once we return: keep bytes
+            piece = buffer if type(buffer) is bytes else bytes(buffer)
+            size = len(piece)
             if sent >= size:
                 sent -= size
                 continue
-            # the caller may change a buffer of its own once we return: keep bytes
-            piece = buffer if type(buffer) is bytes else bytes(buffer)
             pending.add(memoryview(piece)[sent:] if sent else piece)
             self.write_buffer_size += size - sent
             sent = 0
