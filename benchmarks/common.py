@@ -136,6 +136,15 @@ def run_per_loop(
         "loops": loops,
         "elapsed_s": time.perf_counter() - started,
     }
+    emit(report, args, print_table)
+
+
+def emit(
+    report: dict[str, Any],
+    args: argparse.Namespace,
+    print_table: Callable[[dict[str, Any]], None],
+) -> None:
+    """A script's report: JSON for the runner (`--json`), else its table."""
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -322,10 +322,11 @@ class RawDmaClient:
         address, count = prefix.unpack_from(payload)
         data = self.memory[address - MESSAGE_BASE : address - MESSAGE_BASE + count]
         if command == Command.DMA_READ:
-            tail = [data, QEMU_DMA_PADDING] if self._qemu else [data]
-            size = prefix.size + count + (len(QEMU_DMA_PADDING) if self._qemu else 0)
-            head = encode_header(msg_id, command, size, FLAGS_REPLY)
-            self._send([head, prefix.pack(address, count), *tail])
+            parts = [prefix.pack(address, count), data]
+            if self._qemu:
+                parts.append(QEMU_DMA_PADDING)
+            size = sum(map(len, parts))
+            self._send([encode_header(msg_id, command, size, FLAGS_REPLY), *parts])
         elif command == Command.DMA_WRITE:
             data[:] = payload[prefix.size : prefix.size + count]
             answer = b"" if self._qemu else DMA_ACCESS_CODEC.pack(address, count)
@@ -358,13 +359,19 @@ class RawDmaClient:
         self._sock.close()
 
 
+async def serve(stack: contextlib.AsyncExitStack, path: str, layout: DmaLayout) -> muser.PciDevice:
+    """A device without regions of its own, served at `path` until `stack` closes."""
+    device = muser.PciDevice(vendor_id=0x1234, device_id=0x11E8)
+    await stack.enter_async_context(muser.Server(device, path, dma_layout=layout))
+    return device
+
+
 async def attach_raw(
     stack: contextlib.AsyncExitStack, path: str, layout: DmaLayout
 ) -> tuple[muser.PciDevice, RawDmaClient]:
     """A device served at `path`, with a raw client that mapped the message window."""
     loop = asyncio.get_running_loop()
-    device = muser.PciDevice(vendor_id=0x1234, device_id=0x11E8)
-    await stack.enter_async_context(muser.Server(device, path, dma_layout=layout))
+    device = await serve(stack, path, layout)
     sock = await raw_session(path)
     flags = DmaMapFlag.READ | DmaMapFlag.WRITE
     request = DmaMap(32, flags, 0, MESSAGE_BASE, MESSAGE_SIZE).build()
@@ -381,8 +388,7 @@ async def attach(
     stack: contextlib.AsyncExitStack, path: str, layout: DmaLayout
 ) -> tuple[muser.PciDevice, muser.Client]:
     """A device served at `path`, and a client connected to it, both closed by `stack`."""
-    device = muser.PciDevice(vendor_id=0x1234, device_id=0x11E8)
-    await stack.enter_async_context(muser.Server(device, path, dma_layout=layout))
+    device = await serve(stack, path, layout)
     client = await stack.enter_async_context(await muser.Client.connect(path, dma_layout=layout))
     return device, client
 

@@ -54,7 +54,6 @@ import asyncio
 import contextlib
 import functools
 import gc
-import json
 import logging
 import math
 import multiprocessing
@@ -74,6 +73,7 @@ from common import (
     LOOP_FACTORIES,
     add_common_arguments,
     check_common_arguments,
+    emit,
     machine_facts,
     percentile,
     print_machine,
@@ -584,10 +584,7 @@ def main() -> None:
         "results": results,
         "elapsed_s": time.perf_counter() - started,
     }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
+    emit(report, args, print_table)
 
 
 if __name__ == "__main__":
