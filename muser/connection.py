@@ -129,6 +129,9 @@ _UNMAP_FLAGS = _GET_DIRTY_BITMAP | _UNMAP_ALL
 
 
 _PLAIN_COMMAND_FLAGS = (FLAGS_COMMAND, FLAGS_POSTED_COMMAND)
+_ACCESS_SIZE = ACCESS_MESSAGE.size
+_pack_access = ACCESS_MESSAGE.pack
+_unpack_access = ACCESS_MESSAGE.unpack_from
 _REGION_READ = int(Command.REGION_READ)
 _REGION_WRITE = int(Command.REGION_WRITE)
 
@@ -200,8 +203,9 @@ class ServerConnection(Endpoint):
             tuple[Callable[[int, int], bytes | Awaitable[bytes]], ...],
             Callable[[int, int, bytes], Awaitable[None] | None],
         ] = (0, 0, (), (), device.write_region)
-        """What the fast lane needs, fetched once: message and transfer limits, region
-        sizes, region readers, the region writer."""
+        """What the fast lane needs, fetched once: the transfer limit (which keeps a
+        message within the framer's limit too), the number of regions, their sizes,
+        their readers, the region writer."""
         self.finished = asyncio.Event()
         """Set once the client is gone and the device has been told. An event, not a
         future: a waiter that is cancelled must not cancel it for the others."""
@@ -235,63 +239,89 @@ class ServerConnection(Endpoint):
         valid messages without fds, one after another. The first message that needs
         more (fds, a partial message, another command, anything to refuse) goes with
         all after it the general way, in order."""
-        if not self._fast_lane or fds or self._busy or self._framer.buffered:
+        if fds or not self._fast_lane or self._busy or self._framer.buffered:
             super().data_received(data, fds)
             return
-        position, end = 0, len(data)
-        fixed, pack, unpack = ACCESS_MESSAGE.size, ACCESS_MESSAGE.pack, ACCESS_MESSAGE.unpack_from
+        max_count, regions, region_sizes, readers, write = self._lane
         transport = self.transport
-        limit, max_count, region_sizes, readers, write = self._lane
-        while end - position >= fixed and not self._busy and not transport.closed:
-            msg_id, command, size, flags, _error, offset, region, count = unpack(data, position)
+        position, end = 0, len(data)
+        # shut_down (from a handler) clears _fast_lane; a failed send closes the transport
+        while end - position >= _ACCESS_SIZE and self._fast_lane and not transport.closed:
+            msg_id, command, size, flags, _error, offset, region, count = _unpack_access(
+                data, position
+            )
             if (
                 size > end - position
-                or size > limit
                 or flags not in _PLAIN_COMMAND_FLAGS
-                or region >= len(region_sizes)
+                or region >= regions
                 or not 0 < count <= max_count
                 or offset + count > region_sizes[region]
                 or transport.write_buffer_size > WRITE_HIGH_WATER
             ):
                 break
+            start, position = position, position + size
             self._busy = True  # as in _run_queue: a shutdown the handler asks for waits
-            if command == _REGION_READ and size == fixed:
+            if command == _REGION_READ and size == _ACCESS_SIZE:
                 try:
                     result = readers[region](offset, count)
                 except Exception as exc:
-                    self._reply_error(_frame_at(data, position, size), exc)
+                    self._reply_error(_frame_at(data, start, size), exc)
                 else:
-                    if type(result) is not bytes or len(result) != count:
-                        request = RegionAccess(offset, region, count)
-                        self._read_result(_frame_at(data, position, size), request, result)
-                    elif not flags & NO_REPLY_BIT:
-                        head = pack(
-                            msg_id, command, size + count, FLAGS_REPLY, 0, offset, region, count
-                        )
-                        transport.send_message(head + result)
-            elif command == _REGION_WRITE and size == fixed + count:
+                    if type(result) is bytes and len(result) == count:
+                        if not flags & NO_REPLY_BIT:
+                            transport.send_message(
+                                _pack_access(
+                                    msg_id,
+                                    command,
+                                    size + count,
+                                    FLAGS_REPLY,
+                                    0,
+                                    offset,
+                                    region,
+                                    count,
+                                )
+                                + result
+                            )
+                        self._busy = False
+                        continue
+                    request = RegionAccess(offset, region, count)
+                    self._read_result(_frame_at(data, start, size), request, result)
+            elif command == _REGION_WRITE and size == _ACCESS_SIZE + count:
                 try:
-                    done = write(region, offset, data[position + fixed : position + size])
+                    done = write(region, offset, data[start + _ACCESS_SIZE : position])
                 except Exception as exc:
-                    self._reply_error(_frame_at(data, position, size), exc)
+                    self._reply_error(_frame_at(data, start, size), exc)
                 else:
-                    if done is not None:
-                        reply = RegionAccess(offset, region, count)
-                        frame = _frame_at(data, position, size)
-                        self._await_handler(frame, self._after(done, reply))
-                    elif not flags & NO_REPLY_BIT:
-                        head = pack(msg_id, command, fixed, FLAGS_REPLY, 0, offset, region, count)
-                        transport.send_message(head)
+                    if done is None:
+                        if not flags & NO_REPLY_BIT:
+                            transport.send_message(
+                                _pack_access(
+                                    msg_id,
+                                    command,
+                                    _ACCESS_SIZE,
+                                    FLAGS_REPLY,
+                                    0,
+                                    offset,
+                                    region,
+                                    count,
+                                )
+                            )
+                        self._busy = False
+                        continue
+                    reply = RegionAccess(offset, region, count)
+                    frame = _frame_at(data, start, size)
+                    self._await_handler(frame, self._after(done, reply))
             else:
                 self._busy = False
+                position = start
                 break
-            position += size
-            if self._handler_task is not None:
-                break  # an awaiting handler holds the queue until it is answered
-            self._busy = False
-            if self._shutting_down:
-                self.transport.close_when_sent()
-                break
+            # Answered the general way (a refusal, a result to convert or await): the
+            # messages after it go the general way too.
+            if self._handler_task is None:
+                self._busy = False
+            break
+        if self._shutting_down and not self._busy:
+            transport.close_when_sent()
         if position < end:
             super().data_received(data[position:] if position else data, fds)
 
@@ -549,8 +579,8 @@ class ServerConnection(Endpoint):
                 functools.partial(device.read_region, index) for index in range(len(readers))
             )
         self._lane = (
-            self._framer.max_message_size,
             self.max_data_xfer_size,
+            len(device.region_sizes),
             device.region_sizes,
             readers,
             device.write_region,

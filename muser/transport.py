@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import os
 import socket
-import threading
 from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
@@ -20,7 +19,11 @@ from typing import Protocol
 from muser.errors import ConnectionClosedError, ProtocolError
 from muser.wire import close_fds
 
-RECEIVE_BUFFER_SIZE = 256 * 1024
+RECEIVE_SIZE = 124 * 1024
+"""Bytes asked for per receive. The kernel fills a new bytes object of this size,
+shrunk then to what came: no copy. It stays below glibc's default mmap threshold
+(128 KiB), above which every receive would map and unmap its buffer (5x slower
+for a small message), and holds a 64 KiB transfer with its header."""
 WRITE_HIGH_WATER = 4 * 1024 * 1024
 """Above this many queued bytes, `drain` waits for the peer to read."""
 WRITE_LOW_WATER = 1024 * 1024
@@ -33,17 +36,6 @@ _MAX_SEND_BUFFERS = 512
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 """A plain int: socket's IntFlag arithmetic costs microseconds per receive."""
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
-
-
-class _ReceiveBuffer(threading.local):
-    """One receive buffer per thread: a loop's reader callbacks never overlap, and
-    a buffer per connection would cost 256 KiB of memory per idle device."""
-
-    def __init__(self) -> None:
-        self.view = memoryview(bytearray(RECEIVE_BUFFER_SIZE))
-
-
-_receive_buffer = _ReceiveBuffer()
 
 
 class TransportProtocol(Protocol):
@@ -122,9 +114,6 @@ class FdTransport:
         self._loop = asyncio.get_running_loop()
         self._protocol = protocol
         self._ancillary_size = socket.CMSG_SPACE(4 * max(max_receive_fds, 1))
-        self._receive_view = _receive_buffer.view
-        """This thread's buffer: the loop's, as the transport is made on it."""
-        self._receive_into = [self._receive_view]
         self._writes: deque[_PendingWrite] = deque()
         self.write_buffer_size = 0
         """Bytes queued for the peer that the socket has not taken yet (read only)."""
@@ -155,22 +144,25 @@ class FdTransport:
 
     def _on_readable(self) -> None:
         try:
-            size, ancdata, msg_flags, _ = self._sock.recvmsg_into(
-                self._receive_into, self._ancillary_size, _MSG_CMSG_CLOEXEC
+            data, ancdata, msg_flags, _ = self._sock.recvmsg(
+                RECEIVE_SIZE, self._ancillary_size, _MSG_CMSG_CLOEXEC
             )
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._abort(exc)
             return
-        fds = _received_fds(ancdata) if ancdata else []
-        if msg_flags & _MSG_CTRUNC or not size:
+        if data and not ancdata and not msg_flags & _MSG_CTRUNC:
+            self._protocol.data_received(data, [])  # bytes alone: almost every receive
+            return
+        fds = _received_fds(ancdata)
+        if msg_flags & _MSG_CTRUNC or not data:
             close_fds(fds)
             truncated = msg_flags & _MSG_CTRUNC
             message = "more file descriptors than advertised: control data truncated"
             self._abort(ProtocolError(message) if truncated else None)
             return
-        self._protocol.data_received(bytes(self._receive_view[:size]), fds)
+        self._protocol.data_received(data, fds)
 
     def send(self, buffers: Sequence[bytes], fds: Sequence[int] = ()) -> None:
         """Send one message (its buffers in order) with `fds` attached to its first byte.
