@@ -103,6 +103,9 @@ class Irq:
         self._open: list[int | None] = [None] * count
         """Per vector, its eventfd while nothing holds it back: what `trigger` found
         last time, kept until anything that could close it changes."""
+        self._gates_open: list[int | None] = [None] * count
+        """Per vector, its eventfd while all but the client's mask let it through:
+        what `unmask` opens the vector with again (INTx, masked by every delivery)."""
         self.delivered = 0
         """Interrupts delivered since the device was created."""
         self.dropped = 0
@@ -152,13 +155,15 @@ class Irq:
             self.set_pending(vector, True)
             return Delivery.PENDING
         self._deliver(vector)
-        if not self._automask:
-            self._open[vector] = self._triggers[vector]
+        fd = self._gates_open[vector] = self._triggers[vector]
+        if not self._masked[vector]:  # as it is after an automasked delivery
+            self._open[vector] = fd
         return Delivery.DELIVERED
 
     def forget_open(self) -> None:
         """Something that gates delivery changed: decide afresh on the next trigger."""
         self._open = [None] * self.count
+        self._gates_open = [None] * self.count
 
     def _deliver(self, vector: int) -> None:
         fd = self._triggers[vector]
@@ -191,6 +196,8 @@ class Irq:
     def unmask(self, vector: int) -> None:
         self._masked[vector] = False
         self.release_pending(vector)
+        if not self._masked[vector]:
+            self._open[vector] = self._gates_open[vector]
 
     # SET_IRQS, already validated
 
@@ -257,6 +264,18 @@ class IntxIrq(Irq):
         )
         self.level = False
 
+    def trigger(self, vector: int = 0) -> Delivery:
+        """Raise INTx (vector 0). A delivery masks it until the client unmasks it,
+        as QEMU does at the guest's EOI; the unmask reopens the remembered path."""
+        fd = self._open[0] if vector == 0 and self.count else None
+        if fd is None:
+            return self._trigger(vector)
+        self._open[0] = None
+        self._masked[0] = True
+        _signal(fd)
+        self.delivered += 1
+        return _DELIVERED
+
     def set_level(self, asserted: bool) -> Delivery | None:
         """Assert or deassert the line; asserting it raises an interrupt."""
         if not self.count:
@@ -268,7 +287,8 @@ class IntxIrq(Irq):
     def release_pending(self, vector: int) -> None:
         if self.level and not self._pending[vector]:
             self.set_pending(vector, True)
-        super().release_pending(vector)
+        if self._pending[vector]:  # else nothing to release: spare every unmask super()
+            super().release_pending(vector)
 
     def clear(self) -> None:
         self.level = False

@@ -380,6 +380,18 @@ async def device_reset(client: Client, device: IrqDevice, eventfds: list[int]) -
     await client.reset()
 
 
+async def intx_disable(client: Client, device: IrqDevice, eventfds: list[int]) -> None:
+    await config_write(client, Reg.COMMAND, 0x0400, 2)
+
+
+async def intx_new_eventfd(client: Client, device: IrqDevice, eventfds: list[int]) -> None:
+    await client.set_irqs(0, TRIGGER_EVENTFD, 0, 1, fds=eventfds[1:2])
+
+
+async def intx_disable_index(client: Client, device: IrqDevice, eventfds: list[int]) -> None:
+    await client.set_irqs(0, TRIGGER_NONE, 0, 0)
+
+
 class TestRememberedDelivery:
     """A trigger that found its vector open remembers the eventfd; every change that
     could close the vector again must make the next trigger decide afresh."""
@@ -416,6 +428,55 @@ class TestRememberedDelivery:
         assert counter(eventfds[0]) == 2
         await close(client, device, eventfds)
         assert msix.trigger(0) is outcome
+        assert [counter(fd) for fd in eventfds[:2]] == signalled
+
+    async def test_intx_open_from_unmask_to_delivery(
+        self, client: Client, device: IrqDevice, eventfds: list[int]
+    ) -> None:
+        """INTx is remembered open from an unmask until the next delivery masks it."""
+        intx = device.irqs.intx
+        await client.set_irqs(0, TRIGGER_EVENTFD, 0, 1, fds=eventfds[:1])
+        for _ in range(3):  # the first decides; each unmask reopens the remembered path
+            assert intx.trigger() is Delivery.DELIVERED
+            await client.set_irqs(0, UNMASK_NONE, 0, 1)  # the guest's EOI, as QEMU sends it
+        assert intx.trigger() is Delivery.DELIVERED
+        assert intx.trigger() is Delivery.PENDING, "masked by the delivery"
+        assert counter(eventfds[0]) == 4
+        await client.set_irqs(0, UNMASK_NONE, 0, 1)
+        assert counter(eventfds[0]) == 1, "the held one, at the unmask"
+        assert intx.delivered == 5
+
+    @pytest.mark.parametrize(
+        ("close", "outcome", "signalled"),
+        [
+            (intx_disable, Delivery.PENDING, [0, 0]),
+            (intx_new_eventfd, Delivery.DELIVERED, [0, 1]),
+            (intx_disable_index, Delivery.DROPPED, [0, 0]),
+            (migration_stop, Delivery.PENDING, [0, 0]),
+            (device_reset, Delivery.DELIVERED, [1, 0]),
+        ],
+        ids=lambda value: getattr(value, "__name__", None),
+    )
+    async def test_intx(
+        self,
+        client: Client,
+        device: IrqDevice,
+        eventfds: list[int],
+        close: Closer,
+        outcome: Delivery,
+        signalled: list[int],
+    ) -> None:
+        """A change while INTx waits for its unmask: the unmask must not reopen it
+        from what was decided before."""
+        intx = device.irqs.intx
+        await client.set_irqs(0, TRIGGER_EVENTFD, 0, 1, fds=eventfds[:1])
+        assert intx.trigger() is Delivery.DELIVERED
+        await client.set_irqs(0, UNMASK_NONE, 0, 1)
+        assert intx.trigger() is Delivery.DELIVERED, "by the remembered path"
+        assert counter(eventfds[0]) == 2
+        await close(client, device, eventfds)
+        await client.set_irqs(0, UNMASK_NONE, 0, 1)
+        assert intx.trigger() is outcome
         assert [counter(fd) for fd in eventfds[:2]] == signalled
 
     async def test_msi_vector_mask(
