@@ -134,6 +134,7 @@ _pack_access = ACCESS_MESSAGE.pack
 _unpack_access = ACCESS_MESSAGE.unpack_from
 _REGION_READ = int(Command.REGION_READ)
 _REGION_WRITE = int(Command.REGION_WRITE)
+_LANE_COMMANDS = (_REGION_READ, _REGION_WRITE)
 
 
 def _frame_at(data: bytes, position: int, size: int) -> Frame:
@@ -253,6 +254,7 @@ class ServerConnection(Endpoint):
             if (
                 size > end - position
                 or flags not in _PLAIN_COMMAND_FLAGS
+                or command not in _LANE_COMMANDS  # e.g. SET_IRQS, an INTx unmask
                 or region >= regions
                 or not 0 < count <= max_count
                 or offset + count > region_sizes[region]

@@ -38,6 +38,17 @@ _ACTION_BITS, _DATA_BITS = int(IRQ_SET_ACTION_MASK), int(IRQ_SET_DATA_MASK)
 """Plain ints too: IntFlag arithmetic costs microseconds, and SET_IRQS unmasks may
 come with every interrupt."""
 _DISABLE_INDEX = int(IrqSetFlag.ACTION_TRIGGER | IrqSetFlag.DATA_NONE)
+_TRIGGER, _MASK, _UNMASK = (
+    int(IrqSetFlag.ACTION_TRIGGER),
+    int(IrqSetFlag.ACTION_MASK),
+    int(IrqSetFlag.ACTION_UNMASK),
+)
+_DATA_BOOL, _DATA_EVENTFD = int(IrqSetFlag.DATA_BOOL), int(IrqSetFlag.DATA_EVENTFD)
+_ERR_AND_REQ = (int(IrqIndex.ERR), int(IrqIndex.REQ))
+
+
+def _refuse(reason: str, code: int = errno.EINVAL) -> VfioUserError:
+    return VfioUserError(code, f"SET_IRQS: {reason}")
 
 
 class Delivery(Enum):
@@ -545,22 +556,23 @@ class Interrupts:
         irq = self._by_index[index]
         action = flags & _ACTION_BITS
         data_type = flags & _DATA_BITS
-        if data_type == IrqSetFlag.DATA_BOOL:
+        selected: Sequence[int]
+        if data_type == _DATA_BOOL:
             selected = [start + offset for offset, flag in enumerate(data) if flag]
         else:
-            selected = list(range(start, start + count))
-        if action == IrqSetFlag.ACTION_TRIGGER:
-            if data_type == IrqSetFlag.DATA_EVENTFD:
+            selected = range(start, start + count)
+        if action == _TRIGGER:
+            if data_type == _DATA_EVENTFD:
                 irq.assign_triggers(start, fds or [None] * count)
             elif count == 0:
                 irq.disable()
             else:
                 for vector in selected:
                     irq.trigger(vector)
-        elif data_type == IrqSetFlag.DATA_EVENTFD:
-            if action == IrqSetFlag.ACTION_UNMASK:
+        elif data_type == _DATA_EVENTFD:
+            if action == _UNMASK:
                 irq.assign_unmask_fds(start, fds or [None] * count)
-        elif action == IrqSetFlag.ACTION_MASK:
+        elif action == _MASK:
             for vector in selected:
                 irq.mask(vector)
         else:
@@ -571,37 +583,32 @@ class Interrupts:
         flags, index, start, count = request.flags, request.index, request.start, request.count
         data = request.data
 
-        def refuse(reason: str, code: int = errno.EINVAL) -> VfioUserError:
-            return VfioUserError(code, f"SET_IRQS: {reason}")
-
         if request.argsz < IrqSet.SIZE + len(data):
-            raise refuse(f"argsz {request.argsz} is smaller than the request")
+            raise _refuse(f"argsz {request.argsz} is smaller than the request")
         if flags & ~_KNOWN_SET_FLAGS:
-            raise refuse(f"unknown flag bits {flags & ~_KNOWN_SET_FLAGS:#x}")
+            raise _refuse(f"unknown flag bits {flags & ~_KNOWN_SET_FLAGS:#x}")
         action = flags & _ACTION_BITS
         data_type = flags & _DATA_BITS
         if action.bit_count() != 1 or data_type.bit_count() != 1:
-            raise refuse("exactly one action and one data type")
+            raise _refuse("exactly one action and one data type")
         if index >= len(self._by_index):
-            raise refuse(f"no IRQ index {index}")
+            raise _refuse(f"no IRQ index {index}")
         irq = self._by_index[index]
         if start >= irq.count or start + count > irq.count:
-            raise refuse(f"vectors {start}+{count} outside the {irq.count} of index {index}")
+            raise _refuse(f"vectors {start}+{count} outside the {irq.count} of index {index}")
         if count == 0 and (start != 0 or flags != _DISABLE_INDEX):
-            raise refuse("count 0 is only TRIGGER|DATA_NONE from vector 0 (disable)")
-        if index in (IrqIndex.ERR, IrqIndex.REQ) and (
-            action != IrqSetFlag.ACTION_TRIGGER or count > 1
-        ):
-            raise refuse("ERR and REQ take TRIGGER of their one vector only")
-        expected_data = count if data_type == IrqSetFlag.DATA_BOOL else 0
+            raise _refuse("count 0 is only TRIGGER|DATA_NONE from vector 0 (disable)")
+        if index in _ERR_AND_REQ and (action != _TRIGGER or count > 1):
+            raise _refuse("ERR and REQ take TRIGGER of their one vector only")
+        expected_data = count if data_type == _DATA_BOOL else 0
         if len(data) != expected_data:
-            raise refuse(f"{len(data)} data bytes for {expected_data}")
-        if data_type == IrqSetFlag.DATA_EVENTFD:
+            raise _refuse(f"{len(data)} data bytes for {expected_data}")
+        if data_type == _DATA_EVENTFD:
             if fds and len(fds) != count:
-                raise refuse(f"{len(fds)} eventfds for {count} vectors")
+                raise _refuse(f"{len(fds)} eventfds for {count} vectors")
             if not all(_is_eventfd(fd) for fd in fds):
-                raise refuse("a passed file descriptor is not an eventfd")
-            if fds and action == IrqSetFlag.ACTION_MASK:
-                raise refuse("eventfds signalled on mask are not supported", errno.ENOTSUP)
+                raise _refuse("a passed file descriptor is not an eventfd")
+            if fds and action == _MASK:
+                raise _refuse("eventfds signalled on mask are not supported", errno.ENOTSUP)
         elif fds:
-            raise refuse("file descriptors without DATA_EVENTFD")
+            raise _refuse("file descriptors without DATA_EVENTFD")
