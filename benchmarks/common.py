@@ -206,6 +206,15 @@ class Series:
         )
 
 
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """One rate over another as the median of each repetition's own ratio. The two
+    ran back to back in every repetition, so a slowdown of the shared machine that
+    lasts longer than one repetition divides out, where a ratio of medians keeps it."""
+    return statistics.median(
+        top / bottom for top, bottom in zip(numerator, denominator, strict=True)
+    )
+
+
 async def run_interleaved(
     series: dict[str, Series], warm_up: int, repetitions: int, round_trips: int
 ) -> dict[str, dict[str, Any]]:

@@ -23,9 +23,10 @@ All five run on the same loop, their repetitions interleaved so that noise on a
 shared machine hits them alike. Every read's bytes are checked once before timing.
 Reported: the median round trips/s across repetitions, p50/p99 latency over every
 round trip timed, and the ratios config/bar0, config/baseline, bar0/baseline,
-config 256/baseline 256 and config 256/config.
+config 256/baseline 256 and config 256/config, each the median of the
+repetitions' own ratios (common.paired_ratio).
 
-    python benchmarks/config_read.py            # 5 x 10000 round trips per loop, under a minute
+    python benchmarks/config_read.py            # 20 x 2500 round trips per loop, under a minute
     python benchmarks/config_read.py --quick    # smoke test, a second or two
     python benchmarks/config_read.py --json --pin 1 --loops uvloop
 """
@@ -42,6 +43,7 @@ from common import (
     RawRequester,
     RoundTrip,
     Series,
+    paired_ratio,
     parse_count_arguments,
     print_machine,
     raw_session,
@@ -144,7 +146,7 @@ async def bench_loop(
         "loop": f"{type(loop).__module__}.{type(loop).__qualname__}",
         **results,
         "ratio": {
-            name: results[top]["round_trips_per_s"] / results[bottom]["round_trips_per_s"]
+            name: paired_ratio(results[top]["per_repetition"], results[bottom]["per_repetition"])
             for name, (top, bottom) in RATIOS.items()
         },
     }
@@ -187,7 +189,9 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    args = parse_count_arguments(__doc__, {"round-trips": (10000, "per repetition")})
+    args = parse_count_arguments(
+        __doc__, {"round-trips": (2500, "per repetition")}, repetitions=20
+    )
     settings = (
         QUICK
         if args.quick

@@ -29,7 +29,8 @@ Addresses walk across 32 MiB of the mapped window (4 MiB of the message one),
 `base + (i * n) % span`, so the copies do not keep hitting the same cache lines.
 Repetitions of every benchmark are interleaved so that noise on a shared machine
 hits them alike. Reported: the median GB/s (10^9 bytes) across repetitions, the
-ops/s at that median, the spread, and muser/baseline.
+ops/s at that median, the spread, and muser/baseline, the median of the
+repetitions' own ratios (common.paired_ratio).
 
 Before timing, every window is written and read back through muser and checked
 from the other side. Those checks also free 4 MiB buffers, which raises glibc's
@@ -58,6 +59,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from common import (
+    paired_ratio,
     parse_count_arguments,
     print_machine,
     raw_session,
@@ -496,7 +498,9 @@ def report_path(
             **results,
             "ops_per_repetition": next(iter(by_name.values())).ops,
             "ratio": {
-                name: results[name]["gb_per_s"] / results[baseline]["gb_per_s"]
+                name: paired_ratio(
+                    results[name]["per_repetition"], results[baseline]["per_repetition"]
+                )
                 for name, (_label, baseline) in compared.items()
             },
         }

@@ -17,9 +17,10 @@ handler, and the floor they are held against:
 
 All run on the same loop, their repetitions interleaved so that noise on a
 shared machine hits them alike. Reported: the median round trips/s across
-repetitions, p50/p99 latency over every round trip timed, and the ratios.
+repetitions, p50/p99 latency over every round trip timed, and the ratios, each
+the median of the repetitions' own ratios (common.paired_ratio).
 
-    python benchmarks/region_read.py            # 5 x 20000 round trips per loop
+    python benchmarks/region_read.py            # 20 x 5000 round trips per loop
     python benchmarks/region_read.py --quick    # smoke test, a second or two
     python benchmarks/region_read.py --json --pin 1 --loops uvloop
 """
@@ -36,6 +37,7 @@ from common import (
     EchoBaseline,
     RawRequester,
     Series,
+    paired_ratio,
     parse_count_arguments,
     print_machine,
     raw_session,
@@ -95,12 +97,12 @@ async def bench_loop(
             "muser_client": Series(read),
         }
         results = await run_interleaved(series, warm_up, repetitions, round_trips)
-    rate = {name: result["round_trips_per_s"] for name, result in results.items()}
+    rates = {name: result["per_repetition"] for name, result in results.items()}
     return {
         "loop": f"{type(loop).__module__}.{type(loop).__qualname__}",
         **results,
-        "ratio": rate["muser"] / rate["baseline"],
-        "client_ratio": rate["muser_client"] / rate["baseline"],
+        "ratio": paired_ratio(rates["muser"], rates["baseline"]),
+        "client_ratio": paired_ratio(rates["muser_client"], rates["baseline"]),
     }
 
 
@@ -133,7 +135,9 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    args = parse_count_arguments(__doc__, {"round-trips": (20000, "per repetition")})
+    args = parse_count_arguments(
+        __doc__, {"round-trips": (5000, "per repetition")}, repetitions=20
+    )
     settings = (
         QUICK
         if args.quick

@@ -412,8 +412,11 @@ Each command rewrites only its own section (unpinned, or pinned to that CPU).
 (`--quick` gives a smoke run of a few seconds per script; its numbers mean nothing.)
 The runner starts each script in benchmarks/ with `--json`, and every number here
 comes from those reports: muser next to a baseline measured in the same process,
-on the same loop, repetitions interleaved. Ratios are muser/baseline; read each
-script's docstring for exactly what it measures.
+on the same loop, repetitions interleaved. Ratios are muser/baseline; where the
+two ran in the same repetitions (region_read, config_read, irq_trigger, dma_copy)
+the ratio is the median of each repetition's own ratio, so a slowdown of the
+machine that outlasts a repetition divides out. Read each script's docstring for
+exactly what it measures.
 
 The figures below come from a shared, noisy 2-core VM, with other work (test
 suites) possibly running at the same time: trust the ratios, measured side by side,
