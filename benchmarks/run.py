@@ -3,8 +3,9 @@
 Each script in benchmarks/ runs in a subprocess of its own with `--json` (and
 `--quick` and `--pin CPU` when given here); its JSON report is turned into tables,
 one per figure: muser's number, the baseline's, the ratio muser/baseline and,
-where the script reports them, p50/p99 latencies (and memory, for scale). Nothing
-in the tables is typed by hand: every number comes from a script's report.
+where the script reports them, p50/p99 latencies (and memory, for scale). Each
+section starts with the speed targets of issue 9, judged from those same rows.
+Nothing in the tables is typed by hand: every number comes from a script's report.
 
     python benchmarks/run.py                           # every script, a few minutes
     python benchmarks/run.py --quick                   # smoke test, several seconds
@@ -296,6 +297,83 @@ FIGURES: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
 """How to read each script's JSON report as figures."""
 
 
+@dataclass(frozen=True)
+class Target:
+    """One of the speed targets of issue 9, read off one figure's rows."""
+
+    goal: str
+    figure: str
+    """The title of the figure whose rows it judges."""
+    rows: str
+    """What the judged rows' labels contain ("" for every row)."""
+    limit: float
+    column: str | None = None
+    """None: the row's muser/baseline must reach `limit`; else this column must stay
+    at or under it."""
+
+
+TARGETS = (
+    Target(
+        "REGION_READ >= 0.8x raw echo on uvloop",
+        "REGION_READ, 4 bytes of BAR0, muser's server (raw client)",
+        "uvloop",
+        0.8,
+    ),
+    Target("IRQ trigger >= 0.8x eventfd_write", "MSI-X trigger", "", 0.8),
+    Target("IRQ trigger >= 0.8x eventfd_write", "INTx trigger + unmask", "", 0.8),
+    *(
+        Target("DMA copies >= 0.9x memoryview copy, 64 KiB and up", title, size, 0.9)
+        for title in (
+            "mapped DMA: read_direct -> bytes",
+            "mapped DMA: write_direct(bytes)",
+            "mapped DMA: view(write=True)[:] = src",
+        )
+        for size in ("64 KiB", "1 MiB")
+    ),
+    Target(
+        "<= 100 KiB RSS per idle device, 1000 devices",
+        "device set-up as QEMU realizes it (connect, VERSION, 15 info queries), per device",
+        "N = 1000",
+        100,
+        "RSS KiB per served device",
+    ),
+)
+"""Stated for client and server pinned to one CPU; shown for every run."""
+
+
+def target_table(figures: list[Figure]) -> Iterator[str]:
+    """Each target, the rows it judges, and whether each row meets it."""
+    by_title = {figure.title: figure for figure in figures}
+    lines = []
+    for target in TARGETS:
+        made = by_title.get(target.figure)
+        for row in made.rows if made else ():
+            if target.rows not in row.label:
+                continue
+            if target.column is None:
+                value, met = row.ratio, row.ratio >= target.limit
+            else:
+                measured = row.columns.get(target.column)
+                if measured is None:
+                    continue
+                value, met = measured, measured <= target.limit
+            shown = f"{value:.3f}" if target.column is None else number(value)
+            lines.append(
+                f"| {target.goal} | {target.figure} | {row.label} | {shown} "
+                f"| {'yes' if met else 'no'} |"
+            )
+    if not lines:
+        return
+    yield "### Targets"
+    yield ""
+    yield "Issue 9's targets, stated for client and server pinned to one CPU."
+    yield ""
+    yield "| target | figure | row | result | met |"
+    yield "|---|---|---|---:|---|"
+    yield from lines
+    yield ""
+
+
 def run_script(name: str, quick: bool, pin: int | None) -> tuple[dict[str, Any], float]:
     """One script's JSON report, and the wall time it took."""
     command = [sys.executable, str(HERE / f"{name}.py"), "--json"]
@@ -379,12 +457,14 @@ def section(
     yield "- wall time: " + ", ".join(f"{name} {times[name]:.1f} s" for name in reports)
     yield f"  (total {total:.0f} s)"
     yield ""
+    figures = {name: FIGURES[name](report) for name, report in reports.items()}
+    yield from target_table([figure for made in figures.values() for figure in made])
     for name, report in reports.items():
         yield f"### {name}.py"
         yield ""
         yield f"Settings: `{json.dumps(report['settings'])}`"
         yield ""
-        for figure in FIGURES[name](report):
+        for figure in figures[name]:
             yield from figure_table(figure)
 
 

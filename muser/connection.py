@@ -252,9 +252,9 @@ class ServerConnection(Endpoint):
                 data, position
             )
             if (
-                size > end - position
+                command not in _LANE_COMMANDS  # replies to our DMA, SET_IRQS, ...
                 or flags not in _PLAIN_COMMAND_FLAGS
-                or command not in _LANE_COMMANDS  # e.g. SET_IRQS, an INTx unmask
+                or size > end - position
                 or region >= regions
                 or not 0 < count <= max_count
                 or offset + count > region_sizes[region]

@@ -70,3 +70,29 @@ def test_quick_json_has_figures(script: str) -> None:
                     assert positive(value), (figure.title, row)
     table = "\n".join(RUNNER.figure_table(figures[0]))
     assert "| loop | muser | baseline | muser/baseline |" in table
+
+
+def test_targets_judge_the_rows_they_name() -> None:
+    msix = RUNNER.Figure(
+        "MSI-X trigger",
+        "triggers/s",
+        "bare eventfd_write",
+        [RUNNER.Row("asyncio", 7.0, 10.0, 0.7), RUNNER.Row("uvloop", 8.0, 10.0, 0.8)],
+    )
+    scale_title = next(target.figure for target in RUNNER.TARGETS if target.column)
+    memory = "RSS KiB per served device"
+    scale = RUNNER.Figure(
+        scale_title,
+        "µs (median)",
+        "raw connect",
+        [
+            RUNNER.Row("uvloop, N = 10", 1.0, 1.0, 1.0, {memory: 500.0}),
+            RUNNER.Row("uvloop, N = 1000", 1.0, 1.0, 1.0, {memory: 15.0}),
+        ],
+    )
+    table = "\n".join(RUNNER.target_table([msix, scale]))
+    assert "| MSI-X trigger | asyncio | 0.700 | no |" in table
+    assert "| MSI-X trigger | uvloop | 0.800 | yes |" in table
+    assert "| uvloop, N = 1000 | 15.0 | yes |" in table
+    assert "N = 10 |" not in table, "only the rows a target names are judged"
+    assert not list(RUNNER.target_table([])), "no figures, no table"
