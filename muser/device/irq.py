@@ -116,7 +116,8 @@ class Irq:
         last time, kept until anything that could close it changes."""
         self._gates_open: list[int | None] = [None] * count
         """Per vector, its eventfd while all but the client's mask let it through:
-        what `unmask` opens the vector with again (INTx, masked by every delivery)."""
+        what `unmask` opens the vector with again (INTx, masked by every delivery,
+        most of all; any vector the client masks and unmasks)."""
         self.delivered = 0
         """Interrupts delivered since the device was created."""
         self.dropped = 0
@@ -152,7 +153,8 @@ class Irq:
 
     def _trigger(self, vector: int) -> Delivery:
         """Decide from everything that may hold the interrupt back, and remember an
-        open vector (unless each delivery masks it, as INTx's does)."""
+        open vector: as open while unmasked, and as let through by the gates, for
+        the unmask that follows a delivery that masked it (INTx's)."""
         if not 0 <= vector < self.count:
             raise ValueError(f"{self.index.name} has no vector {vector}")
         if not self.enabled or self._triggers[vector] is None:
