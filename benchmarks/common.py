@@ -20,7 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -115,7 +115,7 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
 def run_per_loop(
     args: argparse.Namespace,
     settings: dict[str, Any],
-    bench_loop: Callable[..., Awaitable[dict[str, Any]]],
+    bench_loop: Callable[..., Coroutine[Any, Any, dict[str, Any]]],
     print_table: Callable[[dict[str, Any]], None],
 ) -> None:
     """Run `bench_loop(directory, **settings)` on each chosen loop (pinned if asked)
@@ -250,13 +250,14 @@ class RawRequester:
         else:
             self._waiter.set_exception(RuntimeError(f"short reply of {len(data)} bytes"))
 
-    def round_trip(self, request: bytes, reply_size: int) -> RoundTrip:
+    def round_trip(self, request: bytes, reply_size: int) -> Callable[[], Awaitable[bytes]]:
         """One round trip of `request`, answered with `reply_size` bytes, to time."""
         loop, sock = self._loop, self._sock
 
         async def round_trip() -> bytes:
             self._reply_size = reply_size
-            self._waiter = waiter = loop.create_future()
+            waiter: asyncio.Future[bytes] = loop.create_future()
+            self._waiter = waiter
             sock.sendmsg([request])
             return await waiter
 

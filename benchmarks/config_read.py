@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from common import (
@@ -98,7 +99,7 @@ def memory_device() -> tuple[muser.PciDevice, bytearray]:
 
 
 async def check_reads(
-    reads: dict[str, RoundTrip], device: muser.PciDevice, memory: bytearray
+    reads: dict[str, Callable[[], Awaitable[bytes]]], device: muser.PciDevice, memory: bytearray
 ) -> None:
     """Each muser read returns the bytes its region holds."""
     if device.config.size != CONFIG_SIZE:
@@ -130,7 +131,7 @@ async def bench_loop(
         await stack.enter_async_context(muser.Server(device, path))
         raw = RawRequester(loop, await raw_session(path))
         stack.callback(raw.close)
-        every: dict[str, RoundTrip] = {
+        reads = {
             name: raw.round_trip(region_read_request(region, 0, count), REPLY_OVERHEAD + count)
             for name, region, count in (
                 ("bar0", PciRegion.BAR0, READ_SIZE),
@@ -138,8 +139,11 @@ async def bench_loop(
                 ("config_256", PciRegion.CONFIG, CONFIG_SIZE),
             )
         }
-        await check_reads(every, device, memory)
-        every.update({name: baseline.round_trip for name, baseline in baselines.items()})
+        await check_reads(reads, device, memory)
+        every: dict[str, RoundTrip] = {
+            **reads,
+            **{name: baseline.round_trip for name, baseline in baselines.items()},
+        }
         series = {name: Series(every[name]) for name in BENCHMARKS}
         results = await run_interleaved(series, warm_up, repetitions, round_trips)
     return {

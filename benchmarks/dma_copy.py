@@ -411,10 +411,10 @@ async def check_message(dma: DmaSpace, backing: bytearray | memoryview) -> None:
     """Write the window through muser and read it back, checking the client's memory."""
     data = pattern(MESSAGE_SIZE)
     await dma.write(MESSAGE_BASE, data)
-    if backing != data:
+    if bytes(backing) != data:
         raise RuntimeError("DMA_WRITE did not reach the client's memory")
     backing[:] = bytes(MESSAGE_SIZE)
-    if await dma.read(MESSAGE_BASE, MESSAGE_SIZE) != backing:
+    if await dma.read(MESSAGE_BASE, MESSAGE_SIZE) != bytes(backing):
         raise RuntimeError("DMA_READ did not return the client's memory")
 
 

@@ -97,6 +97,18 @@ def figure(
     return made
 
 
+def ratio_at(*path: str) -> Callable[[dict[str, Any]], float]:
+    """A figure's ratio as its script computed it: `loop["ratio"]`, then `path`."""
+
+    def read(loop: dict[str, Any]) -> float:
+        value = loop["ratio"]
+        for key in path:
+            value = value[key]
+        return float(value)
+
+    return read
+
+
 def region_read(report: dict[str, Any]) -> list[Figure]:
     return [
         figure(
@@ -106,7 +118,7 @@ def region_read(report: dict[str, Any]) -> list[Figure]:
             "raw socketpair echo",
             ("muser", "baseline"),
             "round_trips_per_s",
-            lambda loop: float(loop["ratio"]),
+            ratio_at(),
         ),
         figure(
             report,
@@ -134,7 +146,7 @@ def config_read(report: dict[str, Any]) -> list[Figure]:
             "raw socketpair echo, same byte counts",
             (key, base),
             "round_trips_per_s",
-            lambda loop, ratio=ratio: float(loop["ratio"][ratio]),
+            ratio_at(ratio),
         )
         for key, base, ratio, what in shapes
     ]
@@ -154,7 +166,7 @@ def fast_paths(report: dict[str, Any]) -> list[Figure]:
                 "muser REGION_READ round trips (the reference rate)",
                 (key, "region_read"),
                 "per_s",
-                lambda loop, key=key: float(loop["ratio"][f"{key}/region_read"]),
+                ratio_at(f"{key}/region_read"),
             )
             for key, title in writes
         ),
@@ -178,7 +190,7 @@ def irq_trigger(report: dict[str, Any]) -> list[Figure]:
             "bare eventfd_write",
             (key, "baseline"),
             "triggers_per_s",
-            lambda loop, key=key: float(loop["ratio"][key]),
+            ratio_at(key),
         )
         for key, title in (
             ("muser_msix", "MSI-X trigger"),
@@ -236,7 +248,7 @@ def migration(report: dict[str, Any]) -> list[Figure]:
             "raw socket relay",
             (key, "baseline"),
             "state_mb_per_s",
-            lambda loop, key=key: float(loop["ratio"][key]["state"]),
+            ratio_at(key, "state"),
         )
         for key, title in kinds
     ]
