@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from muser.errors import ConnectionClosedError, ProtocolError
-from muser.wire import close_fds
+from muser.wire import close_fds, gather_piece
 
 RECEIVE_SIZE = 124 * 1024
 """Bytes asked for per receive. The kernel fills a new bytes object of this size,
@@ -60,16 +60,6 @@ class _PendingWrite:
         self.buffers: deque[bytes | bytearray | memoryview] = deque()
         """Large pieces as given (immutable), small ones gathered into bytearrays."""
         self.fds = fds
-
-    def add(self, piece: bytes | memoryview) -> None:
-        """Queue `piece`, which must not change: bytes, or a view of bytes."""
-        buffers = self.buffers
-        if len(piece) >= _COALESCE_BELOW:
-            buffers.append(piece)
-        elif buffers and type(buffers[-1]) is bytearray:
-            buffers[-1] += piece
-        else:
-            buffers.append(bytearray(piece))
 
     def consume(self, sent: int) -> None:
         """Drop the first `sent` bytes, which the socket took."""
@@ -205,7 +195,9 @@ class FdTransport:
             if sent >= size:
                 sent -= size
                 continue
-            pending.add(memoryview(piece)[sent:] if sent else piece)
+            gather_piece(
+                pending.buffers, memoryview(piece)[sent:] if sent else piece, _COALESCE_BELOW
+            )
             self.write_buffer_size += size - sent
             sent = 0
 

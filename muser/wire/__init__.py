@@ -6,7 +6,14 @@ in `muser.wire.messages`, numbers in `muser.wire.constants`.
 """
 
 from muser.wire.capabilities import Capabilities, build_capabilities, parse_capabilities
-from muser.wire.framer import Frame, Framer, FramingError, close_fds, encode_header
+from muser.wire.framer import (
+    Frame,
+    Framer,
+    FramingError,
+    close_fds,
+    encode_header,
+    gather_piece,
+)
 from muser.wire.layout import Layout
 
 __all__ = [
@@ -18,5 +25,6 @@ __all__ = [
     "build_capabilities",
     "close_fds",
     "encode_header",
+    "gather_piece",
     "parse_capabilities",
 ]

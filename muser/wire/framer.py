@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -33,6 +33,22 @@ def close_fds(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def gather_piece(
+    pieces: MutableSequence[bytes | bytearray | memoryview],
+    piece: bytes | memoryview,
+    small_below: int,
+) -> None:
+    """Append `piece`, which must not change, to bytes held as pieces: as it is if it
+    is large, copied into the last gathered buffer if it is small, so that many tiny
+    pieces cost one object, not one each."""
+    if len(piece) >= small_below:
+        pieces.append(piece)
+    elif pieces and type(pieces[-1]) is bytearray:
+        pieces[-1] += piece
+    else:
+        pieces.append(bytearray(piece))
 
 
 @dataclass(slots=True, eq=False)
@@ -208,16 +224,6 @@ class Framer:
         self._gathered = [first]
         self._missing = size - HEADER_SIZE - len(first)
 
-    def _keep_piece(self, piece: bytes | memoryview) -> None:
-        """Add to the gathered message: a large piece as it is, a small one copied."""
-        gathered = self._gathered
-        if len(piece) >= _SMALL_PIECE:
-            gathered.append(piece)
-        elif type(gathered[-1]) is bytearray:
-            gathered[-1] += piece
-        else:
-            gathered.append(bytearray(piece))
-
     def _gather(self, data: bytes, fds: Sequence[int]) -> list[Frame]:
         """Take the next piece of a large message; once it is whole, frame it and
         read on in what followed it."""
@@ -225,13 +231,14 @@ class Framer:
         if fds and len(data) <= missing:
             self._refuse_body_fds(fds, [])
         if len(data) < missing:
-            self._keep_piece(data)
+            gather_piece(self._gathered, data, _SMALL_PIECE)
             self._missing -= len(data)
             self.buffered += len(data)
             return []
         header = self._gathering
         assert header is not None
-        self._keep_piece(data if len(data) == missing else memoryview(data)[:missing])
+        piece = data if len(data) == missing else memoryview(data)[:missing]
+        gather_piece(self._gathered, piece, _SMALL_PIECE)
         frame = Frame(*header, b"".join(self._gathered), self._pending_fds)
         self._pending_fds = []
         self._gathering, self._gathered, self._missing = None, [], 0
