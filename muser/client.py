@@ -38,7 +38,6 @@ from muser.wire.constants import (
 )
 from muser.wire.messages import (
     ACCESS_CODEC,
-    QEMU_DMA_PADDING,
     DeviceFeature,
     DeviceInfo,
     DmaAccess,
@@ -60,6 +59,7 @@ from muser.wire.messages import (
     Version,
     WriteOne,
     build_write_multi,
+    dma_data_parts,
 )
 
 CLIENT_MAX_MSG_FDS = 16
@@ -167,10 +167,7 @@ class Client(Endpoint):
     def _serve_dma_read(self, payload: bytes) -> Payload:
         request = DmaAccess.parse(payload)
         data = bytes(self._guest_memory(request.address, request.count))
-        if self.dma_layout is DmaLayout.QEMU:
-            reply = DmaDataQemu(request.address, request.count, data)
-            return (*reply.build_parts(), QEMU_DMA_PADDING)
-        return DmaData(request.address, request.count, data).build_parts()
+        return dma_data_parts(request.address, data, qemu=self.dma_layout is DmaLayout.QEMU)
 
     def _serve_dma_write(self, payload: bytes) -> bytes:
         if self.dma_layout is DmaLayout.QEMU:

@@ -60,11 +60,9 @@ from muser.wire.messages import (
     DMA_DATA_QEMU_PREFIX,
     HEADER_CODEC,
     MIG_DATA_PREFIX,
-    QEMU_DMA_PADDING,
     DeviceFeature,
     DeviceInfo,
     DmaData,
-    DmaDataQemu,
     DmaLoggingReport,
     DmaLoggingStart,
     DmaMap,
@@ -88,6 +86,7 @@ from muser.wire.messages import (
     Version,
     WriteMultiReply,
     WriteOne,
+    dma_data_parts,
     parse_write_multi,
     region_caps_bytes,
 )
@@ -989,11 +988,7 @@ class DmaMessenger:
         qemu = self.layout is DmaLayout.QEMU
         if self.layout is DmaLayout.AUTO:
             qemu = await self._qemu_layout(address)
-        if qemu:
-            parts = DmaDataQemu(address, len(data), data).build_parts()
-            request = (*parts, QEMU_DMA_PADDING)
-        else:
-            request = DmaData(address, len(data), data).build_parts()
+        request = dma_data_parts(address, data, qemu=qemu)
         reply = await self.connection.request(Command.DMA_WRITE, request)
         reply.close_fds()
         if not _write_answered(reply.payload, address, len(data), qemu=qemu):

@@ -275,6 +275,14 @@ DMA_DATA_QEMU_PREFIX = prefix_codec(DmaDataQemu)
 """DmaDataQemu's address and u32 count, ahead of its data."""
 
 
+def dma_data_parts(address: int, data: bytes, *, qemu: bool) -> tuple[bytes, ...]:
+    """A DMA_WRITE request or a DMA_READ reply as parts that leave `data` uncopied:
+    in the spec's layout, or in QEMU's (a u32 count, and padding after the data)."""
+    if qemu:
+        return (*DmaDataQemu(address, len(data), data).build_parts(), QEMU_DMA_PADDING)
+    return DmaData(address, len(data), data).build_parts()
+
+
 @layout
 class WriteOne(Layout):
     """One entry of REGION_WRITE_MULTI: the first `count` (1…8) bytes of `data` are used."""
