@@ -433,7 +433,7 @@ async def bench_loop(
     """Every benchmark on the running loop, their repetitions interleaved."""
     loop = asyncio.get_running_loop()
     prefix = os.path.join(directory, type(loop).__name__)
-    memfd = os.memfd_create("muser-bench-dma", os.MFD_CLOEXEC)
+    memfd = os.memfd_create("muser-bench-dma", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     baselines: list[SocketBaseline] = []
     try:
         os.ftruncate(memfd, MAPPED_SIZE)

@@ -14,7 +14,7 @@ import functools
 import inspect
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from muser.device.dma import DmaLayout
 from muser.device.migration import MigrationController
 from muser.endpoint import Endpoint, Payload, WireRecorder, command_name
 from muser.errors import ConnectionClosedError, ProtocolError, VfioUserError
+from muser.log_limit import LogLimiter
 from muser.transport import WRITE_HIGH_WATER
 from muser.wire import (
     Capabilities,
@@ -98,6 +99,9 @@ MESSAGE_OVERHEAD = 32
 MAX_QUEUED_BYTES = 8 * 1024 * 1024
 """Above this much queued payload we stop reading from the client until it drains."""
 MAX_QUEUED_FRAMES = 1024
+MAX_QUEUED_FDS = 4 * MAX_MSG_FDS
+"""Nor while the commands waiting hold more fds than this: they count against the
+process's limit."""
 SHUTDOWN_GRACE = 5.0
 """Seconds a graceful close waits for the command in progress and its replies to
 go out; then the connection is cut, so a stalled client cannot hold shutdown."""
@@ -167,6 +171,9 @@ class ServerConnection(Endpoint):
         dma_layout: DmaLayout,
         logger: Any,
         handler_timeout: float | None = None,
+        negotiation_timeout: float | None = None,
+        message_timeout: float | None = None,
+        fd_budget: int | None = None,
         recorder: WireRecorder | None = None,
     ) -> None:
         super().__init__(
@@ -175,16 +182,31 @@ class ServerConnection(Endpoint):
             max_receive_fds=MAX_MSG_FDS,
             logger=logger,
             recorder=recorder,
+            read_while_backlogged=False,
         )
         self.device = device
+        device.dma.fd_budget = fd_budget
         self.max_data_xfer_size = max_data_xfer_size
         self.dma_layout = dma_layout
         self.handler_timeout = handler_timeout
         """Seconds an awaiting handler may take before the client gets ETIMEDOUT."""
+        self.message_timeout = message_timeout
+        """Seconds a message may take to arrive whole once it has begun to."""
+        self._limiter = LogLimiter()
+        loop = asyncio.get_running_loop()
+        self._negotiation_deadline = (
+            None
+            if negotiation_timeout is None
+            else loop.call_later(negotiation_timeout, self._not_negotiated, negotiation_timeout)
+        )
+        self._message_deadline: asyncio.TimerHandle | None = None
+        self._completed_at_deadline = 0
+        """How many messages had arrived whole when the deadline was set."""
         self.peer: Capabilities | None = None
         """The client's capabilities, once VERSION is negotiated."""
         self._queue: deque[Frame] = deque()
         self._queued_bytes = 0
+        self._queued_fds = 0
         self._busy = False
         self._closing = False
         self._shutting_down = False
@@ -233,14 +255,14 @@ class ServerConnection(Endpoint):
 
     # The fast lane
 
-    def data_received(self, data: bytes, fds: list[int]) -> None:
+    def data_received(self, data: bytes, fds: list[int], *, fds_lost: bool = False) -> None:
         """REGION_READ and REGION_WRITE, what a guest's MMIO becomes, are served
         straight from the received bytes while nothing else is in flight: whole,
         valid messages without fds, one after another. The first message that needs
         more (fds, a partial message, another command, anything to refuse) goes with
         all after it the general way, in order."""
-        if fds or not self._fast_lane or self._busy or self._framer.buffered:
-            super().data_received(data, fds)
+        if fds or fds_lost or not self._fast_lane or self._busy or self._framer.buffered:
+            self._receive_in_general(data, fds, fds_lost)
             return
         max_count, regions, region_sizes, readers, write = self._lane
         transport = self.transport
@@ -324,7 +346,13 @@ class ServerConnection(Endpoint):
         if self._shutting_down and not self._busy:
             transport.close_when_sent()
         if position < end:
-            super().data_received(data[position:] if position else data, fds)
+            self._receive_in_general(data[position:] if position else data, fds, False)
+
+    def _receive_in_general(self, data: bytes, fds: list[int], fds_lost: bool) -> None:
+        """The framer and the queue; a message left partial starts its deadline."""
+        super().data_received(data, fds, fds_lost=fds_lost)
+        if self._framer.buffered and self._message_deadline is None:
+            self._start_message_deadline()
 
     def _read_result(
         self, frame: Frame, request: RegionAccess, result: bytes | Awaitable[bytes]
@@ -339,6 +367,52 @@ class ServerConnection(Endpoint):
         except Exception as exc:
             self._reply_error(frame, exc)
 
+    # Deadlines: a client holds its device, so it may not hold it without talking
+
+    def _not_negotiated(self, timeout: float) -> None:
+        self._negotiation_deadline = None
+        if not self.negotiated and not self.transport.closed:
+            self.log.warning("client did not negotiate in time; closing", timeout=timeout)
+            self.transport.close()
+
+    def _start_message_deadline(self) -> None:
+        """A message has begun to arrive: it has `message_timeout` seconds to finish."""
+        if self.message_timeout is not None:
+            self._completed_at_deadline = self._framer.completed
+            self._message_deadline = asyncio.get_running_loop().call_later(
+                self.message_timeout, self._message_overdue
+            )
+
+    def _message_overdue(self) -> None:
+        """Cut a client whose message has not arrived whole in time. If messages
+        completed meanwhile, the one now in progress began later and gets a period of
+        its own (so a message has between one and two); so does one whose rest is
+        unread because the server is not reading."""
+        self._message_deadline = None
+        framer = self._framer
+        if not framer.buffered or self.transport.closed:
+            return
+        if framer.completed != self._completed_at_deadline or not self.transport.reading:
+            self._start_message_deadline()
+            return
+        self.log.warning(
+            "a message did not arrive whole in time; closing",
+            timeout=self.message_timeout,
+            bytes_held=framer.buffered,
+        )
+        self.transport.close()
+
+    # Repeated log lines: one per kind per interval, with the count held back
+
+    def log_limited(self, level: str, event: str, kind: Hashable, **fields: Any) -> None:
+        """Log at `level`, unless this client repeats itself (see LogLimiter)."""
+        held = self._limiter.allow(event, kind)
+        if held is None:
+            return
+        if held:
+            fields["repeats_held_back"] = held
+        getattr(self.log, level)(event, **fields)
+
     # Queueing, in arrival order
 
     def _command_received(self, frame: Frame) -> None:
@@ -347,7 +421,12 @@ class ServerConnection(Endpoint):
             return
         self._queue.append(frame)
         self._queued_bytes += len(frame.payload)
-        if self._queued_bytes > MAX_QUEUED_BYTES or len(self._queue) > MAX_QUEUED_FRAMES:
+        self._queued_fds += len(frame.fds)
+        if (
+            self._queued_bytes > MAX_QUEUED_BYTES
+            or len(self._queue) > MAX_QUEUED_FRAMES
+            or self._queued_fds > MAX_QUEUED_FDS
+        ):
             self.transport.pause_reading()
         if not self._busy:
             self._run_queue()
@@ -355,7 +434,9 @@ class ServerConnection(Endpoint):
     def _unexpected_reply(self, frame: Frame) -> None:
         """A reply to nothing we asked: its bytes are already skipped; say EINVAL, as
         libvfio-user does, and keep serving."""
-        super()._unexpected_reply(frame)
+        frame.close_fds()
+        command = command_name(frame.command)
+        self.log_limited("warning", "unexpected reply", command, command=command)
         self._send_reply(frame, FLAGS_ERROR_REPLY, error=errno.EINVAL)
 
     def _stream_broken(self) -> None:
@@ -374,6 +455,7 @@ class ServerConnection(Endpoint):
                 return
             frame = self._queue.popleft()
             self._queued_bytes -= len(frame.payload)
+            self._queued_fds -= len(frame.fds)
             pending = self._dispatch(frame)
             if pending is not None:
                 self._await_handler(frame, pending)
@@ -412,7 +494,7 @@ class ServerConnection(Endpoint):
         """Forget commands that will never run (their client is gone or broke the stream)."""
         while self._queue:
             self._queue.popleft().close_fds()
-        self._queued_bytes = 0
+        self._queued_bytes = self._queued_fds = 0
 
     # Dispatch
 
@@ -459,10 +541,13 @@ class ServerConnection(Endpoint):
 
     def _log_timeout(self, frame: Frame) -> None:
         """A hung handler, logged without a traceback (it would only show the timeout)."""
-        self.log.error(
+        command = command_name(frame.command)
+        self.log_limited(
+            "error",
             "handler timed out",
+            command,
             msg_id=frame.msg_id,
-            command=command_name(frame.command),
+            command=command,
             timeout=self.handler_timeout,
         )
 
@@ -470,6 +555,15 @@ class ServerConnection(Endpoint):
         if not self.negotiated and frame.command != Command.VERSION:
             self._closing = True
             raise ProtocolError("the first message must be VERSION")
+        if frame.fds_lost:
+            command = command_name(frame.command)
+            self.log_limited(
+                "warning",
+                "a message's file descriptors were lost: the process has none left",
+                command,
+                command=command,
+            )
+            raise VfioUserError(errno.EMFILE, "the server had no descriptors left for its fds")
         handler = self._handlers.get(frame.command)
         if handler is None:
             raise ProtocolError(f"unknown command {frame.command}")
@@ -495,10 +589,13 @@ class ServerConnection(Endpoint):
             )
         else:
             code = errno.EIO
-            self.log.error(
+            command = command_name(frame.command)
+            self.log_limited(
+                "error",
                 "handler failed",
+                (command, type(exc)),
                 msg_id=frame.msg_id,
-                command=command_name(frame.command),
+                command=command,
                 exc_info=exc,
             )
         if not frame.no_reply:
@@ -538,8 +635,11 @@ class ServerConnection(Endpoint):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
-        if self._cut_off is not None:
-            self._cut_off.cancel()
+        for deadline in (self._cut_off, self._negotiation_deadline, self._message_deadline):
+            if deadline is not None:
+                deadline.cancel()
+        for event, held in self._limiter.held_back().items():
+            self.log.warning("log lines held back", line=event, count=held)
         self._drop_queue()
         asyncio.get_running_loop().create_task(self._tell_device())
 
@@ -571,6 +671,9 @@ class ServerConnection(Endpoint):
             raise ProtocolError(f"protocol major version {request.major} is not supported")
         self.peer = parse_capabilities(request.capabilities)
         self._closing = False
+        if self._negotiation_deadline is not None:
+            self._negotiation_deadline.cancel()
+            self._negotiation_deadline = None
         self._fast_lane = not self._debug and self._recorder is None
         device = self.device
         readers = device.region_readers
@@ -997,8 +1100,10 @@ class DmaMessenger:
     def _misread(self, command: str, address: int, count: int, got: int) -> VfioUserError:
         """A reply that does not answer the request, as when the client speaks the other
         layout than the one set: logged, since device code may swallow the error."""
-        self.connection.log.error(
+        self.connection.log_limited(
+            "error",
             "DMA reply does not match its request",
+            command,
             command=command,
             address=hex(address),
             count=count,

@@ -79,6 +79,7 @@ class Endpoint:
         max_receive_fds: int,
         logger: Any,
         recorder: WireRecorder | None = None,
+        read_while_backlogged: bool = True,
     ) -> None:
         self.log = logger
         self._debug = debug_enabled(logger)
@@ -88,14 +89,20 @@ class Endpoint:
         self._requests: dict[int, tuple[int, asyncio.Future[Frame]]] = {}
         self._next_msg_id = 0
         self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.transport = FdTransport(sock, self, max_receive_fds=max_receive_fds)
+        self.transport = FdTransport(
+            sock,
+            self,
+            max_receive_fds=max_receive_fds,
+            read_while_backlogged=read_while_backlogged,
+        )
 
     # Transport callbacks
 
-    def data_received(self, data: bytes, fds: list[int]) -> None:
+    def data_received(self, data: bytes, fds: list[int], *, fds_lost: bool = False) -> None:
         framer = self._framer
         if (
             not fds
+            and not fds_lost
             and not framer.buffered
             and len(data) >= HEADER_SIZE
             and not self._debug
@@ -115,7 +122,7 @@ class Endpoint:
                     )
                     return
         try:
-            frames = self._framer.feed(data, fds)
+            frames = self._framer.feed(data, fds, fds_lost=fds_lost)
             broken: FramingError | None = None
         except FramingError as exc:
             frames, broken = exc.frames, exc

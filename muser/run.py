@@ -16,14 +16,19 @@ import pkgutil
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
 
 from muser.device import PciDevice
 from muser.device.dma import DmaLayout
-from muser.server import Server, is_listening
+from muser.server import (
+    DEFAULT_MESSAGE_TIMEOUT,
+    DEFAULT_NEGOTIATION_TIMEOUT,
+    Server,
+    is_listening,
+)
 
 SAMPLE_PACKAGE = "muser_samples"
 DEFAULT_SAMPLE = "gpio"
@@ -122,16 +127,14 @@ def announce(server: Server, listening: bool) -> None:
 
 
 async def serve(
-    devices: Sequence[tuple[PciDevice, str | socket.socket]],
-    dma_layout: DmaLayout,
-    trace: str | None = None,
+    devices: Sequence[tuple[PciDevice, str | socket.socket]], options: Mapping[str, Any]
 ) -> None:
     """Serve until SIGTERM/SIGINT, or until every server is done (the clients of
-    inherited connected sockets have left)."""
+    inherited connected sockets have left). `options` go to every `Server`."""
     servers = [
-        Server(device, where, dma_layout=dma_layout, trace=trace)
+        Server(device, where, **options)
         if isinstance(where, str)
-        else Server(device, sock=where, dma_layout=dma_layout, trace=trace)
+        else Server(device, sock=where, **options)
         for device, where in devices
     ]
     listening = [isinstance(where, str) or is_listening(where) for _, where in devices]
@@ -152,6 +155,45 @@ async def serve(
         close_all()
         for server in servers:
             await server.wait_closed()
+
+
+def _seconds(text: str) -> float | None:
+    """A timeout in seconds; 0 for none."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value or None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _file_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not an octal file mode") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text} is not a file mode (000-777)")
+    return mode
+
+
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What the command line says about serving, as `Server` takes it."""
+    return {
+        "dma_layout": DmaLayout(args.dma_layout),
+        "trace": args.trace,
+        "negotiation_timeout": args.negotiation_timeout,
+        "message_timeout": args.message_timeout,
+        "fd_budget": args.fd_budget,
+        "mode": args.socket_mode,
+        "allowed_uids": args.allow_uid,
+        "allowed_gids": args.allow_gid,
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -198,6 +240,50 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the spec's",
     )
     parser.add_argument(
+        "--negotiation-timeout",
+        type=_seconds,
+        default=DEFAULT_NEGOTIATION_TIMEOUT,
+        metavar="SECONDS",
+        help="close a client that has not sent VERSION this long after connecting "
+        f"(default {DEFAULT_NEGOTIATION_TIMEOUT:g}; 0 waits forever)",
+    )
+    parser.add_argument(
+        "--message-timeout",
+        type=_seconds,
+        default=DEFAULT_MESSAGE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a client whose message has begun but not arrived whole this long "
+        f"after (default {DEFAULT_MESSAGE_TIMEOUT:g}; 0 waits forever)",
+    )
+    parser.add_argument(
+        "--fd-budget",
+        type=_positive,
+        metavar="N",
+        help="descriptors a client's DMA windows may keep open "
+        "(default: a quarter of the open-files limit)",
+    )
+    parser.add_argument(
+        "--socket-mode",
+        type=_file_mode,
+        default=0o600,
+        metavar="MODE",
+        help="permissions of the socket files, in octal (default 600: only this user)",
+    )
+    parser.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        metavar="UID",
+        help="only accept clients running as this user id (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-gid",
+        type=int,
+        action="append",
+        metavar="GID",
+        help="only accept clients running with this group id (repeatable)",
+    )
+    parser.add_argument(
         "--trace",
         metavar="FILE",
         help="append every message in and out to FILE as JSON lines "
@@ -224,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             devices.append((device, default_socket_path(spec)))
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-        runner.run(serve(devices, DmaLayout(args.dma_layout), args.trace))
+        runner.run(serve(devices, server_options(args)))
 
 
 if __name__ == "__main__":

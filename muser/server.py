@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import resource
 import secrets
 import socket
 import stat
@@ -37,6 +38,25 @@ _MAX_SOCKET_PATH = 107
 """Bytes of a UNIX socket path (sun_path holds 108, with its NUL)."""
 DEFAULT_HANDLER_TIMEOUT = 4.5
 """Below QEMU's 5 s reply timeout, so QEMU hears ETIMEDOUT rather than nothing."""
+DEFAULT_NEGOTIATION_TIMEOUT = 10.0
+"""Seconds a client has from being accepted to VERSION: QEMU sends it at once."""
+DEFAULT_MESSAGE_TIMEOUT = 10.0
+"""Seconds a message has to arrive whole once it has begun to: milliseconds for a
+megabyte over a UNIX socket."""
+MIN_FD_BUDGET = 16
+ACCEPT_BACKOFF = (0.05, 1.0)
+"""First and longest pause, in seconds, before accepting again when the process
+(or the system) has no descriptor left for a new connection."""
+
+
+def default_fd_budget() -> int | None:
+    """A client's share of this process's descriptors: a quarter of RLIMIT_NOFILE's
+    soft limit (at least MIN_FD_BUDGET), read when it connects, so that one client
+    cannot take what other devices' clients, and accepting them, need."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(MIN_FD_BUDGET, soft // 4)
 
 
 def _socket_is_live(path: str) -> bool:
@@ -157,6 +177,9 @@ class Server:
         max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
         dma_layout: DmaLayout = DmaLayout.AUTO,
         handler_timeout: float | None = DEFAULT_HANDLER_TIMEOUT,
+        negotiation_timeout: float | None = DEFAULT_NEGOTIATION_TIMEOUT,
+        message_timeout: float | None = DEFAULT_MESSAGE_TIMEOUT,
+        fd_budget: int | None = None,
         mode: int = 0o600,
         allowed_uids: Iterable[int] | None = None,
         allowed_gids: Iterable[int] | None = None,
@@ -171,6 +194,18 @@ class Server:
         self.handler_timeout = handler_timeout
         """Seconds an awaiting handler may take before the client gets ETIMEDOUT
         (under QEMU's own 5 s); None waits forever."""
+        self.negotiation_timeout = negotiation_timeout
+        """Seconds from accepting a client to its VERSION; a client that has not
+        negotiated by then is closed, so that it cannot hold the device. None waits
+        forever. A negotiated client may idle between messages for as long as it
+        likes."""
+        self.message_timeout = message_timeout
+        """Seconds a message has to arrive whole once it has begun to (between one
+        and two such periods, precisely); a client that stops halfway is closed.
+        None waits forever."""
+        self.fd_budget = fd_budget
+        """Descriptors a client's DMA windows may keep open (EMFILE beyond); None
+        takes a quarter of RLIMIT_NOFILE's soft limit when the client connects."""
         self.mode = mode
         """Permissions of the socket file muser creates; only its owner may connect by
         default. A given socket's file is its creator's to set up."""
@@ -191,6 +226,8 @@ class Server:
         self._identity: tuple[int, int] | None = None
         """The (device, inode) of the socket file muser created, the only one it removes."""
         self._accepting = False
+        self._accept_backoff: asyncio.TimerHandle | None = None
+        self._accept_delay = ACCEPT_BACKOFF[0]
         self._sessions: set[asyncio.Task[None]] = set()
         self._closed: asyncio.Event | None = None
 
@@ -229,6 +266,7 @@ class Server:
             await self.wait_closed()
 
     def _resume_accepting(self) -> None:
+        self._cancel_backoff()
         if self._listener is not None and not self._accepting:
             asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
             self._accepting = True
@@ -242,12 +280,37 @@ class Server:
         assert self._listener is not None
         try:
             sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:
-            self.log.warning("accept failed", error=str(exc))
+            self._back_off(exc)
             return
+        self._accept_delay = ACCEPT_BACKOFF[0]
         self._attach(sock)
+
+    def _back_off(self, exc: OSError) -> None:
+        """Accept failed for want of something (EMFILE, ENFILE, ENOBUFS, ENOMEM): the
+        client stays queued while we stop listening for a while, doubling the pause
+        up to a second, and say so once, not once per attempt."""
+        if self._accept_delay == ACCEPT_BACKOFF[0]:
+            self.log.warning(
+                "cannot accept a client; retrying", error=errno.errorcode.get(exc.errno or 0)
+            )
+        self._pause_accepting()
+        self._accept_backoff = asyncio.get_running_loop().call_later(
+            self._accept_delay, self._retry_accept
+        )
+        self._accept_delay = min(self._accept_delay * 2, ACCEPT_BACKOFF[1])
+
+    def _retry_accept(self) -> None:
+        self._accept_backoff = None
+        if self.connection is None:
+            self._resume_accepting()
+
+    def _cancel_backoff(self) -> None:
+        if self._accept_backoff is not None:
+            self._accept_backoff.cancel()
+            self._accept_backoff = None
 
     def _attach(self, sock: socket.socket) -> None:
         """Start a session with the client on `sock`, if it is allowed; without a
@@ -277,6 +340,9 @@ class Server:
                 dma_layout=self.dma_layout,
                 logger=self.log,
                 handler_timeout=self.handler_timeout,
+                negotiation_timeout=self.negotiation_timeout,
+                message_timeout=self.message_timeout,
+                fd_budget=self.fd_budget if self.fd_budget is not None else default_fd_budget(),
                 recorder=recorder,
             )
         except Exception as exc:
@@ -327,6 +393,7 @@ class Server:
             return
         self._serving = False
         self._pause_accepting()
+        self._cancel_backoff()
         if self._listener is not None:
             self._listener.close()
             self._listener = None

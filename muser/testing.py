@@ -100,7 +100,7 @@ class DeviceSession:
         """`size` bytes of guest RAM at `iova`: a memfd mapped here and handed to the
         device with DMA_MAP, so what the device writes shows in the returned view
         (and what the test writes, the device reads)."""
-        fd = os.memfd_create("muser-guest-ram", os.MFD_CLOEXEC)
+        fd = os.memfd_create("muser-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
             memory = mmap.mmap(fd, size)

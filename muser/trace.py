@@ -159,7 +159,10 @@ def stand_in_fds(record: Record) -> list[int]:
     (its file offset plus its size), an eventfd for anything else (interrupts)."""
     if record.command == Command.DMA_MAP:
         request = DmaMap.parse(record.data[HEADER_SIZE:])
-        fds = [os.memfd_create("trace-guest-ram") for _ in range(record.nfds)]
+        fds = [
+            os.memfd_create("trace-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            for _ in range(record.nfds)
+        ]
         try:
             for fd in fds:
                 os.ftruncate(fd, request.offset + request.size)
@@ -178,9 +181,9 @@ class _ReplayPeer:
         self.frames: asyncio.Queue[Frame | None] = asyncio.Queue()
         self.transport = FdTransport(sock, self, max_receive_fds=16)
 
-    def data_received(self, data: bytes, fds: list[int]) -> None:
+    def data_received(self, data: bytes, fds: list[int], *, fds_lost: bool = False) -> None:
         try:
-            frames = self._framer.feed(data, fds)
+            frames = self._framer.feed(data, fds, fds_lost=fds_lost)
         except FramingError as exc:
             # The server's stream went bad: what came before counts, then it has ended.
             frames = exc.frames

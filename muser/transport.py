@@ -36,13 +36,17 @@ _MAX_SEND_BUFFERS = 512
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 """A plain int: socket's IntFlag arithmetic costs microseconds per receive."""
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+RECEIVES_PER_CALL = 16
+"""Receives per readiness callback before other callbacks get their turn."""
 
 
 class TransportProtocol(Protocol):
     """What a transport reports to its owner, always from the loop's thread."""
 
-    def data_received(self, data: bytes, fds: list[int]) -> None:
-        """Bytes in arrival order, with the fds that came with them (now owned by the callee)."""
+    def data_received(self, data: bytes, fds: list[int], *, fds_lost: bool = False) -> None:
+        """Bytes in arrival order, with the fds that came with them (now owned by the
+        callee); `fds_lost` when some of those fds could not be received because this
+        process had no descriptors left."""
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """The socket is closed: peer EOF (None), an OS error, or a protocol error."""
@@ -96,23 +100,39 @@ class FdTransport:
     """One connected socket: receives (bytes, fds), sends each message with one sendmsg."""
 
     def __init__(
-        self, sock: socket.socket, protocol: TransportProtocol, *, max_receive_fds: int
+        self,
+        sock: socket.socket,
+        protocol: TransportProtocol,
+        *,
+        max_receive_fds: int,
+        read_while_backlogged: bool = True,
     ) -> None:
+        """With `read_while_backlogged` False (a server's choice), nothing is read
+        while more than WRITE_HIGH_WATER bytes wait for the peer, until it has read
+        them down to WRITE_LOW_WATER: whatever would answer the next message, its
+        answer cannot grow the queue without bound."""
         sock.setblocking(False)
         self._sock = sock
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
         self._protocol = protocol
-        self._ancillary_size = socket.CMSG_SPACE(4 * max(max_receive_fds, 1))
+        self._max_receive_fds = max(max_receive_fds, 1)
+        self._ancillary_size = socket.CMSG_SPACE(4 * self._max_receive_fds)
         self._writes: deque[_PendingWrite] = deque()
         self.write_buffer_size = 0
         """Bytes queued for the peer that the socket has not taken yet (read only)."""
         self._drained: asyncio.Event | None = None
-        self._reading = False
+        self._read_while_backlogged = read_while_backlogged
+        self._wants_reading = True
+        """What the protocol asked for last (pause_reading / resume_reading)."""
+        self._backlogged = False
+        """Whether reading waits for the peer to read what is queued for it."""
+        self.reading = False
+        """Whether the socket is being read now (read only)."""
         self._closing = False
         self.closed = False
         """Whether the socket is closed (read only)."""
-        self.resume_reading()
+        self._update_reading()
 
     def peer_pid(self) -> int | None:
         """The connecting process, from SO_PEERCRED (Linux)."""
@@ -123,36 +143,67 @@ class FdTransport:
         return int.from_bytes(creds[:4], "little")
 
     def pause_reading(self) -> None:
-        if self._reading and not self.closed:
-            self._loop.remove_reader(self._fd)
-            self._reading = False
+        self._wants_reading = False
+        self._update_reading()
 
     def resume_reading(self) -> None:
-        if not self._reading and not self.closed:
+        self._wants_reading = True
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read exactly while the protocol wants it, nothing holds it back, and the
+        socket is open."""
+        wanted = self._wants_reading and not self._backlogged and not self.closed
+        if wanted and not self.reading:
             self._loop.add_reader(self._fd, self._on_readable)
-            self._reading = True
+            self.reading = True
+        elif self.reading and not wanted:
+            self._loop.remove_reader(self._fd)
+            self.reading = False
 
     def _on_readable(self) -> None:
-        try:
-            data, ancdata, msg_flags, _ = self._sock.recvmsg(
-                RECEIVE_SIZE, self._ancillary_size, _MSG_CMSG_CLOEXEC
-            )
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._abort(exc)
-            return
-        if data and not ancdata and not msg_flags & _MSG_CTRUNC:
-            self._protocol.data_received(data, [])  # bytes alone: almost every receive
-            return
-        fds = _received_fds(ancdata)
-        if msg_flags & _MSG_CTRUNC or not data:
-            close_fds(fds)
-            truncated = msg_flags & _MSG_CTRUNC
-            message = "more file descriptors than advertised: control data truncated"
-            self._abort(ProtocolError(message) if truncated else None)
-            return
-        self._protocol.data_received(data, fds)
+        """Receive until the socket has nothing more, reading stops, or the socket
+        closes; after RECEIVES_PER_CALL receives, go on in a later callback.
+
+        Reading on to EAGAIN, rather than once per callback, is what makes a peer's
+        close reach us on every loop: a peer that closes with our reply unread makes
+        epoll report EPOLLERR, and uvloop then calls the reader once and stops
+        watching the socket, so a single receive that returned data would never
+        learn of the close. The later callback is scheduled here, not left to epoll,
+        for the same reason; the bound keeps a flooding peer from starving the loop."""
+        for _ in range(RECEIVES_PER_CALL):
+            if not self.reading:
+                return
+            try:
+                data, ancdata, msg_flags, _ = self._sock.recvmsg(
+                    RECEIVE_SIZE, self._ancillary_size, _MSG_CMSG_CLOEXEC
+                )
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._abort(exc)
+                return
+            if data and not ancdata and not msg_flags & _MSG_CTRUNC:
+                self._protocol.data_received(data, [])  # bytes alone: almost every receive
+                continue
+            if not data:
+                close_fds(_received_fds(ancdata))
+                self._abort(None)
+                return
+            fds = _received_fds(ancdata)
+            if msg_flags & _MSG_CTRUNC:
+                if len(fds) >= self._max_receive_fds:
+                    close_fds(fds)
+                    message = "more file descriptors than advertised: control data truncated"
+                    self._abort(ProtocolError(message))
+                    return
+                # Fewer fds than there was room for: the kernel could not install the
+                # rest because this process is out of descriptors (EMFILE/ENFILE).
+                # The message goes on, marked, to be refused with EMFILE.
+                self._protocol.data_received(data, fds, fds_lost=True)
+                continue
+            self._protocol.data_received(data, fds)
+        self._loop.call_soon(self._on_readable)
 
     def send(self, buffers: Sequence[bytes], fds: Sequence[int] = ()) -> None:
         """Send one message (its buffers in order) with `fds` attached to its first byte.
@@ -200,6 +251,9 @@ class FdTransport:
             )
             self.write_buffer_size += size - sent
             sent = 0
+        if not self._read_while_backlogged and self.write_buffer_size > WRITE_HIGH_WATER:
+            self._backlogged = True
+            self._update_reading()
 
     def send_message(self, message: bytes) -> None:
         """`send` of one buffer without fds, for the server's fast lane: a connection
@@ -236,20 +290,25 @@ class FdTransport:
             pending.fds = []
             pending.consume(sent)
             self.write_buffer_size -= sent
+            self._wake_drain()
             if pending.buffers:
                 return
             self._writes.popleft()
         self._loop.remove_writer(self._fd)
-        self._wake_drain()
         if self._closing:
             self._abort(None)
 
     def _wake_drain(self) -> None:
-        if self._drained is not None and (
-            self.write_buffer_size <= WRITE_LOW_WATER or self.closed
-        ):
+        """The peer has read down to the low-water mark (or is gone): wake `drain`
+        and read again if the backlog was what stopped it."""
+        if self.write_buffer_size > WRITE_LOW_WATER and not self.closed:
+            return
+        if self._drained is not None:
             self._drained.set()
             self._drained = None
+        if self._backlogged:
+            self._backlogged = False
+            self._update_reading()
 
     async def drain(self) -> None:
         """Wait while more than the high-water mark is queued for the peer."""
@@ -274,9 +333,7 @@ class FdTransport:
         if self.closed:
             return
         self.closed = True
-        if self._reading:
-            self._loop.remove_reader(self._fd)
-            self._reading = False
+        self._update_reading()
         if self._writes:
             self._loop.remove_writer(self._fd)
         for pending in self._writes:

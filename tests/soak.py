@@ -37,7 +37,7 @@ from muser.wire.messages import DmaMap, IrqSet
 
 async def main():
     client = await Client.connect(sys.argv[1])
-    memfd = os.memfd_create("guest-ram")
+    memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(memfd, 4096)
     await client.exchange(Command.DMA_MAP, DmaMap(32, 3, 0, 0, 4096).build(), [memfd])
     await client.exchange(
@@ -94,7 +94,10 @@ def resident_kib() -> int:
 async def _cycle(path: str, number: int, previous: int) -> None:
     """Check the device kept what the last client wrote, then leave `number` for the next."""
     client = await Client.connect(path)
-    memfd, eventfd = os.memfd_create("guest-ram"), os.eventfd(0)
+    memfd, eventfd = (
+        os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING),
+        os.eventfd(0),
+    )
     try:
         os.ftruncate(memfd, 4096)
         await client.exchange(Command.DMA_MAP, DmaMap(32, 3, 0, 0, 4096).build(), [memfd])

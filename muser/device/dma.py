@@ -1,10 +1,21 @@
 """Guest memory as the client maps it (protocol.md §3.2, §3.3, §3.11, §3.12, §7.8).
 
 The client maps windows of guest memory with DMA_MAP. A window that comes with a
-file descriptor is mmapped, and device code reads and writes it directly, or
-through zero-copy `memoryview`s; a window without one is reached by sending the
-client DMA_READ/DMA_WRITE messages. Windows are kept sorted by address, so a
-lookup is a bisection even with 65,535 of them.
+file descriptor is reached directly by device code; a window without one by
+sending the client DMA_READ/DMA_WRITE messages. Windows are kept sorted by
+address, so a lookup is a bisection even with 65,535 of them.
+
+Nothing a client does may crash the server, and a mapping of a file that the
+client then shrinks kills the process with SIGBUS when touched. So of regular
+files (memfds among them) only one sealed against shrinking (QEMU's
+memory-backend-memfd, or a memfd muser can seal) is mmapped, for zero-copy
+`memoryview`s; any other is reached with pread/pwrite (a short transfer is
+EFAULT), through one descriptor per file however many windows lie in it; one
+that pread/pwrite cannot reach as the window needs (hugetlbfs cannot be
+written) by messages, as if it had come without an fd. Other files (a memory
+device such as /dev/dax, which cannot shrink) are mmapped, or refused with the
+errno mmap gives. The descriptors windows keep count against a budget per
+client (`fd_budget`, EMFILE beyond it).
 
 Two rules keep the guest safe. A DMA_UNMAP (or a reset) completes only after
 device code has let go of every view into the window (`with dma.view(...)`).
@@ -23,10 +34,12 @@ import fcntl
 import mmap
 import os
 import stat
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -46,6 +59,9 @@ _MMAP, _FILE_IO = int(DmaMapFlag.MMAP), int(DmaMapFlag.FILE_IO)
 """Plain ints: `flags & DmaMapFlag.READ` goes through IntFlag's __rand__, a
 microsecond or more each, and a vIOMMU guest maps and unmaps all the time."""
 _KNOWN_MAP_FLAGS = _READ | _WRITE | _MMAP | _FILE_IO
+_MMAP_UNTRACKED = sys.version_info >= (3, 13)
+"""From Python 3.13 an mmap can be told not to keep a duplicate of its fd."""
+_MMAP_OPTIONS: dict[str, Any] = {"trackfd": False} if _MMAP_UNTRACKED else {}
 
 
 class DmaLayout(Enum):
@@ -82,8 +98,28 @@ class MessageDma(Protocol):
     async def write(self, address: int, data: bytes) -> None: ...
 
 
+class HeldFile:
+    """A descriptor that windows reach with pread/pwrite, held once per file and
+    access mode however many windows lie in that file."""
+
+    def __init__(self, fd: int, key: tuple[int, int, int], forget: Callable[[HeldFile], None]):
+        self.fd = fd
+        self.key = key
+        """(device, inode, access mode) of the file."""
+        self.users = 0
+        self._forget = forget
+
+    def release(self) -> None:
+        self.users -= 1
+        if not self.users:
+            close_fds([self.fd])
+            self._forget(self)
+
+
 class DmaWindow:
-    """One mapped window of guest memory."""
+    """One mapped window of guest memory, reached one of three ways: through a
+    mapping (`view`), with pread/pwrite on a held file (`file`), or, with neither,
+    by DMA_READ/DMA_WRITE messages."""
 
     def __init__(
         self,
@@ -92,10 +128,13 @@ class DmaWindow:
         flags: int,
         *,
         offset: int,
-        fd: int | None,
         identity: tuple[int, int] | None,
+        mapping: mmap.mmap | None = None,
+        lead: int = 0,
+        file: HeldFile | None = None,
     ) -> None:
-        """Maps `fd` (or, with FILE_IO, keeps it as `file_fd`); never closes it."""
+        """`mapping` holds the window's bytes from `lead` on; `file` is held for it
+        (the window takes one use of it)."""
         self.address = address
         self.size = size
         self.flags = flags
@@ -104,34 +143,14 @@ class DmaWindow:
         """(device, inode) of the file behind the window, to recognise a re-map."""
         self.readable = bool(flags & _READ)
         self.writable = bool(flags & _WRITE)
-        self._mapping: mmap.mmap | None = None
-        self.view: memoryview | None = None
-        """The window's bytes when it is mmapped; None when it is reached otherwise."""
-        self.file_fd: int | None = None
-        """Kept open only for windows accessed with pread/pwrite (FILE_IO)."""
+        self._mapping = mapping
+        self.view = None if mapping is None else memoryview(mapping)[lead : lead + size]
+        """The window's bytes when it is mapped; None when it is reached otherwise."""
+        self.file = file
+        if file is not None:
+            file.users += 1
         self.users = 0
         self._released: asyncio.Event | None = None
-        if fd is None:
-            return
-        if flags & _FILE_IO:
-            self.file_fd = fd
-        else:
-            self._map(fd)
-
-    def _map(self, fd: int) -> None:
-        aligned = self.offset - self.offset % mmap.PAGESIZE
-        lead = self.offset - aligned
-        length = -(-(lead + self.size) // mmap.PAGESIZE) * mmap.PAGESIZE
-        prot = (mmap.PROT_READ if self.readable else 0) | (mmap.PROT_WRITE if self.writable else 0)
-        try:
-            self._mapping = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=aligned)
-        except OSError as exc:
-            raise VfioUserError(
-                exc.errno or errno.EINVAL, f"cannot mmap the window: {exc}"
-            ) from None
-        except (ValueError, OverflowError) as exc:
-            raise VfioUserError(errno.EINVAL, f"cannot mmap the window: {exc}") from None
-        self.view = memoryview(self._mapping)[lead : lead + self.size]
 
     @property
     def end(self) -> int:
@@ -140,7 +159,13 @@ class DmaWindow:
     @property
     def direct(self) -> bool:
         """Whether device code reaches this window without messages."""
-        return self.view is not None or self.file_fd is not None
+        return self.view is not None or self.file is not None
+
+    @property
+    def holds_fd(self) -> bool:
+        """Whether the window keeps a descriptor of its own open: CPython's mmap
+        keeps a duplicate of the one it maps, unless told not to (3.13 on)."""
+        return self._mapping is not None and not _MMAP_UNTRACKED
 
     def hold(self) -> None:
         self.users += 1
@@ -168,16 +193,19 @@ class DmaWindow:
             except BufferError:
                 return False
             self._mapping = None
-        if self.file_fd is not None:
-            close_fds([self.file_fd])
-            self.file_fd = None
+        if self.file is not None:
+            self.file.release()
+            self.file = None
         return True
 
     def read_direct(self, start: int, length: int) -> bytes:
         if self.view is not None:
             return bytes(self.view[start : start + length])
-        assert self.file_fd is not None
-        data = os.pread(self.file_fd, length, self.offset + start)
+        assert self.file is not None
+        try:
+            data = os.pread(self.file.fd, length, self.offset + start)
+        except OSError as exc:
+            raise VfioUserError(errno.EFAULT, f"reading the window's file: {exc}") from None
         if len(data) != length:
             raise VfioUserError(errno.EFAULT, "the window's file ended early")
         return data
@@ -186,8 +214,13 @@ class DmaWindow:
         if self.view is not None:
             self.view[start : start + len(data)] = data
             return
-        assert self.file_fd is not None
-        os.pwrite(self.file_fd, data, self.offset + start)
+        assert self.file is not None
+        try:
+            written = os.pwrite(self.file.fd, data, self.offset + start)
+        except OSError as exc:
+            raise VfioUserError(errno.EFAULT, f"writing the window's file: {exc}") from None
+        if written != len(data):
+            raise VfioUserError(errno.EFAULT, "the window's file took a short write")
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,16 +242,58 @@ def _file_identity(fd: int) -> tuple[int, int]:
     return info.st_dev, info.st_ino
 
 
-def _check_file_size(fd: int, offset: int, size: int) -> None:
-    """A window past the end of its file would kill the server with SIGBUS on access.
-    Refuse it, and keep the client from shrinking a sealable memfd afterwards."""
+def _check_file_size(fd: int, offset: int, size: int) -> bool:
+    """Refuse a window that reaches past the end of its file; whether the file is a
+    regular one (a memfd among them), which alone can be shrunk."""
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
-        return
+        return False
     if info.st_size < offset + size:
         raise VfioUserError(errno.EINVAL, f"the window ends past its file ({info.st_size} bytes)")
+    return True
+
+
+def _cannot_shrink(fd: int) -> bool:
+    """Whether the file behind `fd` is sealed against shrinking, sealing it first if
+    it lets us (a memfd made with MFD_ALLOW_SEALING). QEMU seals the memfds of its
+    memory-backend-memfd so by default."""
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False
+
+
+def _file_io_works(fd: int, offset: int, readable: bool, writable: bool) -> bool:
+    """Whether pread/pwrite reach the file as the window needs: a transfer of no
+    bytes is refused just as a real one would be (a pipe, a socket, a file opened
+    read-only for a writable window, hugetlbfs, which cannot be written)."""
+    try:
+        if readable:
+            os.pread(fd, 0, offset)
+        if writable:
+            os.pwrite(fd, b"", offset)
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+def _map(fd: int, offset: int, size: int, readable: bool, writable: bool) -> tuple[mmap.mmap, int]:
+    """A shared mapping of the window's pages, and where the window starts in it."""
+    aligned = offset - offset % mmap.PAGESIZE
+    lead = offset - aligned
+    length = -(-(lead + size) // mmap.PAGESIZE) * mmap.PAGESIZE
+    prot = (mmap.PROT_READ if readable else 0) | (mmap.PROT_WRITE if writable else 0)
+    try:
+        mapping = mmap.mmap(
+            fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=aligned, **_MMAP_OPTIONS
+        )
+    except OSError as exc:
+        raise VfioUserError(exc.errno or errno.EINVAL, f"cannot mmap the window: {exc}") from None
+    except (ValueError, OverflowError) as exc:
+        raise VfioUserError(errno.EINVAL, f"cannot mmap the window: {exc}") from None
+    return mapping, lead
 
 
 class DirtyLog:
@@ -267,8 +342,15 @@ class DmaSpace:
 
     def __init__(self, max_windows: int = DEFAULT_MAX_WINDOWS) -> None:
         self.max_windows = max_windows
+        self.fd_budget: int | None = None
+        """At most this many descriptors may the windows keep open (set per client
+        from the process's limit); None for no limit."""
         self._starts: list[int] = []
         self._windows: list[DmaWindow] = []
+        self._files: dict[tuple[int, int, int], HeldFile] = {}
+        """The files windows reach with pread/pwrite, by (device, inode, access mode)."""
+        self._mapped_fds = 0
+        """Descriptors that mapped windows keep (see DmaWindow.holds_fd)."""
         self.stopped = False
         """True while migration has the device stopped: device code may not DMA."""
         self.messenger: MessageDma | None = None
@@ -283,6 +365,11 @@ class DmaSpace:
         return list(self._windows)
 
     @property
+    def held_fds(self) -> int:
+        """Descriptors the windows keep open."""
+        return self._mapped_fds + len(self._files)
+
+    @property
     def busy(self) -> bool:
         """Whether device code holds a view into any window."""
         return any(window.users for window in self._windows)
@@ -290,23 +377,24 @@ class DmaSpace:
     # What the client asks for
 
     def map(self, address: int, size: int, flags: int, offset: int, fd: int | None) -> None:
-        """DMA_MAP. Takes ownership of `fd`: kept (FILE_IO windows) or closed."""
-        keep = False
+        """DMA_MAP. Takes ownership of `fd`: held (for pread/pwrite) or closed."""
         try:
             window = self._new_window(address, size, flags, offset, fd)
-            if window is not None:
-                index = bisect.bisect_left(self._starts, address)
-                self._starts.insert(index, address)
-                self._windows.insert(index, window)
-                keep = window.file_fd is not None
         finally:
-            if fd is not None and not keep:
+            if fd is not None:
                 close_fds([fd])
+        if window is not None:
+            index = bisect.bisect_left(self._starts, address)
+            self._starts.insert(index, address)
+            self._windows.insert(index, window)
+            self._mapped_fds += window.holds_fd
 
     def _new_window(
         self, address: int, size: int, flags: int, offset: int, fd: int | None
     ) -> DmaWindow | None:
-        """A checked, mapped window; None for an identical re-map (a no-op)."""
+        """A checked window, reached as its fd allows; None for an identical re-map
+        (a no-op). The caller closes `fd` afterwards: what the window keeps is a
+        duplicate."""
         self._check_map(address, size, flags, offset, fd)
         identity = _file_identity(fd) if fd is not None else None
         existing = self._overlapping(address, size)
@@ -320,9 +408,58 @@ class DmaSpace:
             )
         if len(self._windows) >= self.max_windows:
             raise VfioUserError(errno.EINVAL, f"already {self.max_windows} windows mapped")
-        if fd is not None:
-            _check_file_size(fd, offset, size)
-        return DmaWindow(address, size, flags, offset=offset, fd=fd, identity=identity)
+        if fd is None:
+            return DmaWindow(address, size, flags, offset=offset, identity=None)
+        regular = _check_file_size(fd, offset, size)
+        readable, writable = bool(flags & _READ), bool(flags & _WRITE)
+        if not flags & _FILE_IO and (not regular or _cannot_shrink(fd)):
+            if not _MMAP_UNTRACKED:
+                self._spend_fd()
+            mapping, lead = _map(fd, offset, size, readable, writable)
+            return DmaWindow(
+                address, size, flags, offset=offset, identity=identity, mapping=mapping, lead=lead
+            )
+        if _file_io_works(fd, offset, readable, writable):
+            return DmaWindow(
+                address, size, flags, offset=offset, identity=identity, file=self._hold_file(fd)
+            )
+        if flags & _FILE_IO:
+            raise VfioUserError(errno.EINVAL, "FILE_IO asked for a file pread/pwrite cannot reach")
+        _log.info(
+            "a DMA window's file can be neither mapped safely nor read and written; "
+            "reaching it by DMA messages",
+            address=hex(address),
+            size=size,
+        )
+        return DmaWindow(address, size, flags, offset=offset, identity=identity)
+
+    def _spend_fd(self) -> None:
+        """Refuse a window that would keep one descriptor more than the client's budget."""
+        if self.fd_budget is not None and self.held_fds >= self.fd_budget:
+            raise VfioUserError(
+                errno.EMFILE,
+                f"the client's DMA windows already keep {self.held_fds} descriptors open, "
+                "its share of this process's limit",
+            )
+
+    def _hold_file(self, fd: int) -> HeldFile:
+        """The held descriptor for `fd`'s file and access mode, holding a duplicate
+        of `fd` if none is held yet."""
+        info = os.fstat(fd)
+        key = (info.st_dev, info.st_ino, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE)
+        held = self._files.get(key)
+        if held is None:
+            self._spend_fd()
+            try:
+                duplicate = os.dup(fd)
+            except OSError as exc:
+                raise VfioUserError(exc.errno or errno.EMFILE, str(exc)) from None
+            held = self._files[key] = HeldFile(duplicate, key, self._forget_file)
+        return held
+
+    def _forget_file(self, held: HeldFile) -> None:
+        if self._files.get(held.key) is held:
+            del self._files[held.key]
 
     @staticmethod
     def _check_map(address: int, size: int, flags: int, offset: int, fd: int | None) -> None:
@@ -370,10 +507,12 @@ class DmaSpace:
         for window in windows:
             await self._retire(window)
 
-    @staticmethod
-    async def _retire(window: DmaWindow) -> None:
+    async def _retire(self, window: DmaWindow) -> None:
         await window.quiesce()
-        if not window.close():
+        held_fd = window.holds_fd
+        if window.close():
+            self._mapped_fds -= held_fd
+        else:
             _log.error(
                 "device code kept a view past its `with` block; the window stays mapped",
                 address=hex(window.address),
@@ -543,9 +682,13 @@ class DmaSpace:
         window = self._window_over(address, length, write)
         if window is None or window.view is None or not length:
             self.translate(address, length, write=write)  # EFAULT, EPERM or EBUSY if it says so
-            raise VfioUserError(
-                errno.EFAULT, f"{address:#x}+{length:#x} is not in one mmapped window"
-            )
+            reason = "is not in one mapped window"
+            if window is not None and window.file is not None:
+                reason = (
+                    "lies in a window whose file is not sealed against shrinking, so it is "
+                    "reached with pread/pwrite, not mapped: use dma.read()/dma.write()"
+                )
+            raise VfioUserError(errno.EFAULT, f"{address:#x}+{length:#x} {reason}")
         return DmaView(self, window, address, length, write)
 
     # Dirty-page logging

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import inspect
 import mmap
 import os
@@ -18,8 +20,22 @@ from muser.wire import close_fds
 _log = structlog.get_logger("muser")
 
 
+def _seal(fd: int, seals: int) -> bool:
+    """Add `seals` to the file if it lets us; whether it cannot shrink now."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False
+
+
 class SharedBar:
-    """A BAR's bytes in a file both sides map: a memfd muser made, or the author's."""
+    """A BAR's bytes in a file both sides map: a memfd muser made, or the author's.
+
+    The client gets the file itself and could shrink it, and touching our mapping
+    past its end would kill the server with SIGBUS; so the file's size is sealed,
+    and an author's file that cannot be sealed is refused."""
 
     def __init__(self, bar: Bar, name: str) -> None:
         spec = bar.shared
@@ -28,14 +44,22 @@ class SharedBar:
         self.areas = bar.mmap_areas
         self.owns_fd = spec.fd is None
         if spec.fd is None:
-            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, bar.size)
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             self._release_fd = weakref.finalize(self, close_fds, [self.fd])
+            os.ftruncate(self.fd, bar.size)
+            _seal(self.fd, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         else:
             self.fd = spec.fd
             info = os.fstat(self.fd)
             if stat.S_ISREG(info.st_mode) and info.st_size < spec.offset + bar.size:
                 raise ValueError("the shared memory file is smaller than the BAR")
+            if not _seal(self.fd, fcntl.F_SEAL_SHRINK):
+                raise ValueError(
+                    "the shared memory file must be sealed against shrinking (a memfd made "
+                    "with MFD_ALLOW_SEALING, which muser seals, or one sealed with "
+                    "F_SEAL_SHRINK): the client gets the file, and one it could shrink "
+                    "would crash the server when it touches the memory"
+                )
         self.offset = spec.offset
         self._mapping = mmap.mmap(
             self.fd,

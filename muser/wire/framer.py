@@ -62,6 +62,9 @@ class Frame:
     error: int
     payload: bytes
     fds: list[int] = field(default_factory=list)
+    fds_lost: bool = False
+    """Some of the fds sent with the message never arrived: this process had no
+    descriptors left to receive them (the kernel reports EMFILE as truncation)."""
 
     @property
     def is_reply(self) -> bool:
@@ -129,7 +132,9 @@ class Framer:
         "_gathering",
         "_missing",
         "_pending_fds",
+        "_pending_fds_lost",
         "buffered",
+        "completed",
         "max_message_size",
     )
 
@@ -138,7 +143,11 @@ class Framer:
         self._buffer = bytearray()
         self.buffered = 0
         """Bytes of an incomplete message held so far (read only)."""
+        self.completed = 0
+        """Messages framed whole so far (read only): whether the one in progress has
+        changed can be told from it."""
         self._pending_fds: list[int] = []
+        self._pending_fds_lost = False
         self._gathering: tuple[int, int, int, int] | None = None
         """The header (msg_id, command, flags, error) of a large message whose
         payload is being gathered piece by piece."""
@@ -146,15 +155,16 @@ class Framer:
         self._missing = 0
         """Payload bytes of that message still to come."""
 
-    def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Frame]:
+    def feed(self, data: bytes, fds: Sequence[int] = (), *, fds_lost: bool = False) -> list[Frame]:
         """Take what one receive returned; return the messages it completed.
 
-        Takes ownership of `fds`. Raises FramingError (after closing every fd it
-        holds) when the stream is broken: a bad header, or fds that arrived with
+        Takes ownership of `fds`; `fds_lost` says more were sent with them than
+        arrived, and marks their message. Raises FramingError (after closing every fd
+        it holds) when the stream is broken: a bad header, or fds that arrived with
         payload bytes only.
         """
         if self._gathering is not None:
-            return self._gather(data, fds)
+            return self._gather(data, fds, fds_lost)
         frames: list[Frame] = []
         held = self._buffer
         first_new = len(held)
@@ -188,9 +198,8 @@ class Framer:
                     break
                 payload = bytes(view[position + HEADER_SIZE : position + size])
                 frame = Frame(msg_id, command, flags, error, payload)
-                if self._pending_fds:
-                    frame.fds = self._pending_fds
-                    self._pending_fds = []
+                if self._pending_fds or self._pending_fds_lost:
+                    self._give_pending_fds(frame)
                 if starts_here:
                     fds_owner = frame
                 frames.append(frame)
@@ -202,9 +211,14 @@ class Framer:
         finally:
             view.release()  # the held buffer must stay resizable for the next feed
         self._hold(source, position, was_held=bool(held))
-        if fds:
-            self._attribute_fds(fds, frames, fds_owner, to_pending=fds_to_pending)
+        self.completed += len(frames)
+        if fds or fds_lost:
+            self._attribute_fds(fds, fds_lost, frames, fds_owner, to_pending=fds_to_pending)
         return frames
+
+    def _give_pending_fds(self, frame: Frame) -> None:
+        frame.fds, frame.fds_lost = self._pending_fds, self._pending_fds_lost
+        self._pending_fds, self._pending_fds_lost = [], False
 
     def _hold(self, source: bytes | bytearray, position: int, *, was_held: bool) -> None:
         """Keep what follows the last whole message, unless it is being gathered."""
@@ -224,11 +238,11 @@ class Framer:
         self._gathered = [first]
         self._missing = size - HEADER_SIZE - len(first)
 
-    def _gather(self, data: bytes, fds: Sequence[int]) -> list[Frame]:
+    def _gather(self, data: bytes, fds: Sequence[int], fds_lost: bool) -> list[Frame]:
         """Take the next piece of a large message; once it is whole, frame it and
         read on in what followed it."""
         missing = self._missing
-        if fds and len(data) <= missing:
+        if (fds or fds_lost) and len(data) <= missing:
             self._refuse_body_fds(fds, [])
         if len(data) < missing:
             gather_piece(self._gathered, data, _SMALL_PIECE)
@@ -239,26 +253,33 @@ class Framer:
         assert header is not None
         piece = data if len(data) == missing else memoryview(data)[:missing]
         gather_piece(self._gathered, piece, _SMALL_PIECE)
-        frame = Frame(*header, b"".join(self._gathered), self._pending_fds)
-        self._pending_fds = []
+        frame = Frame(*header, b"".join(self._gathered))
+        self._give_pending_fds(frame)
         self._gathering, self._gathered, self._missing = None, [], 0
         self.buffered = 0
+        self.completed += 1
         if len(data) == missing:
             return [frame]
         try:
-            return [frame, *self.feed(data[missing:], fds)]
+            return [frame, *self.feed(data[missing:], fds, fds_lost=fds_lost)]
         except FramingError as exc:
             exc.frames.insert(0, frame)
             raise
 
     def _attribute_fds(
-        self, fds: Sequence[int], frames: list[Frame], owner: Frame | None, *, to_pending: bool
+        self,
+        fds: Sequence[int],
+        lost: bool,
+        frames: list[Frame],
+        owner: Frame | None,
+        *,
+        to_pending: bool,
     ) -> None:
         """Give a receive's fds to the last message that started in it."""
         if to_pending:
-            self._pending_fds = list(fds)
+            self._pending_fds, self._pending_fds_lost = list(fds), lost
         elif owner is not None:
-            owner.fds = list(fds)
+            owner.fds, owner.fds_lost = list(fds), lost
         else:
             # No message starts in this input, so the only frame it completed is the
             # one whose body carried the fds: it is the violation, not before it.
@@ -284,7 +305,7 @@ class Framer:
         """Forget a partial message and close the fds that came with it. Complete
         frames keep theirs: their new owner closes them."""
         close_fds(self._pending_fds)
-        self._pending_fds = []
+        self._pending_fds, self._pending_fds_lost = [], False
         self._buffer = bytearray()
         self._gathering, self._gathered, self._missing = None, [], 0
         self.buffered = 0

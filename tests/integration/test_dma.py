@@ -70,7 +70,7 @@ def device() -> DmaDevice:
 @pytest.fixture
 def guest() -> Iterator[tuple[int, mmap.mmap]]:
     """Guest RAM as a client has it: a memfd, mapped on the client's side too."""
-    fd = os.memfd_create("guest-ram")
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, GUEST)
     memory = mmap.mmap(fd, GUEST)
     yield fd, memory
@@ -400,7 +400,7 @@ class TestMessageDma:
     ) -> None:
         """`messages=True` sends DMA_READ/DMA_WRITE even where an fd maps the window:
         the client then serves them from its `backing`, here not the fd's memory."""
-        fd = os.memfd_create("guest")
+        fd = os.memfd_create("guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, 0x1000)
         os.pwrite(fd, b"mapped", 0)
         backing = bytearray(b"backed") + bytearray(0x1000 - 6)

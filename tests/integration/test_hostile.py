@@ -332,7 +332,7 @@ class Target(muser.PciDevice):
 
 @pytest.fixture(scope="module")
 def guest_fd() -> int:
-    fd = os.memfd_create("guest-ram")
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, GUEST)
     return fd
 

@@ -109,7 +109,7 @@ async def test_reconnect_keeps_state_and_drops_fds(
     async with await Client.connect(server.path) as first:
         await first.region_write(0, 0, b"kept")
         await first.region_write(7, 0x3C, b"\x0a")
-        memfd = os.memfd_create("guest-ram")
+        memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(memfd, 4096)
         eventfd = os.eventfd(0)
         await first.exchange(Command.DMA_MAP, DmaMap(32, 3, 0, 0, 4096).build(), [memfd])

@@ -88,7 +88,7 @@ async def pair(sock_dir: str) -> AsyncIterator[tuple[Stateful, Client, Stateful,
 
 async def test_migrate_a_stateful_device(pair: tuple[Stateful, Client, Stateful, Client]) -> None:
     source, src, destination, dst = pair
-    guest_fd = os.memfd_create("guest-ram")
+    guest_fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(guest_fd, 0x10000)
     await src.dma_map(0x100000, 0x10000, fd=guest_fd)
     await src.device_feature(FeatureFlag.SET | 6, DmaLoggingStart(4096, 0, 0, ()).build())
@@ -396,7 +396,7 @@ class TestTimerSample:
         device, client = served
         windows = []
         for index in range(2):
-            fd = os.memfd_create(f"ram{index}")
+            fd = os.memfd_create(f"ram{index}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             os.ftruncate(fd, 0x2000)
             memory = mmap.mmap(fd, 0x2000)
             await client.dma_map(0x100000 * (index + 1), 0x2000, fd=fd, backing=memory)

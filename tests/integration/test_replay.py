@@ -22,7 +22,10 @@ GUEST_RAM = 1 << 30
 
 def fresh_fds(command: int, count: int) -> list[int]:
     if command == Command.DMA_MAP:
-        fds = [os.memfd_create("guest-ram") for _ in range(count)]
+        fds = [
+            os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            for _ in range(count)
+        ]
         for fd in fds:
             os.ftruncate(fd, GUEST_RAM)
         return fds

@@ -165,7 +165,7 @@ class TestEdu:
     async def test_dma_both_directions(
         self, client: Client, device: edu.Edu, shared: bool
     ) -> None:
-        fd = os.memfd_create("guest-ram")
+        fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, 0x100000)
         ram = mmap.mmap(fd, 0x100000)
         backing = bytearray(0x100000)

@@ -31,7 +31,7 @@ async def record_sessions(sock_path: str, trace: Path) -> None:
             interrupt = os.eventfd(0)
             await client.set_irqs(IrqIndex.INTX, TRIGGER_EVENTFD, 0, 1, fds=[interrupt])
             os.close(interrupt)
-            ram = os.memfd_create("guest-ram")
+            ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             os.ftruncate(ram, 0x3000)
             await client.dma_map(0x100000, 0x1000, fd=ram, offset=0x2000)
             os.close(ram)
