@@ -9,7 +9,7 @@ from muser.client import Client, MigrationReport, migrate
 from muser.device import Bar, ConfigRegisters, PciDevice, ResetReason
 from muser.device.dma import DmaDeadlockError, DmaLayout
 from muser.device.irq import Delivery
-from muser.device.migration import Migration
+from muser.device.migration import Migration, MigrationStream
 from muser.device.regions import Doorbell, SharedMemory
 from muser.errors import ConnectionClosedError, ProtocolError, VfioUserError
 from muser.pci import (
@@ -51,6 +51,7 @@ __all__ = [
     "MigrationFlag",
     "MigrationReport",
     "MigrationState",
+    "MigrationStream",
     "Msi",
     "MsiX",
     "PciDevice",

@@ -127,6 +127,15 @@ _MIGRATION_FEATURE_OPS: dict[int, int] = {
     Feature.MIG_DEVICE_STATE: _GET | _SET,
 }
 """And for a device that declared migration."""
+_FEATURE_DATA_SIZES: dict[int, int] = {
+    Feature.MIGRATION: MigrationFeature.SIZE,
+    Feature.MIG_DEVICE_STATE: MigDeviceState.SIZE,
+    Feature.DMA_LOGGING_START: DmaLoggingStart.SIZE,
+    Feature.DMA_LOGGING_STOP: 0,
+    Feature.DMA_LOGGING_REPORT: DmaLoggingReport.SIZE,
+}
+"""The least data each feature's structure has: `argsz` must cover it for GET and
+SET (Linux's vfio_check_feature `minsz`)."""
 _KNOWN_FEATURE_BITS = int(FeatureFlag.INDEX_MASK) | _GET | _SET | _PROBE
 _UNMAP_FLAGS = _GET_DIRTY_BITMAP | _UNMAP_ALL
 
@@ -888,10 +897,13 @@ class ServerConnection(Endpoint):
             raise ProtocolError(f"feature {feature} is not supported by this device")
         if operations & ~supported:
             raise ProtocolError(f"feature {feature} does not support operations {operations:#x}")
+        if request.argsz < len(frame.payload) and not operations & _GET:
+            raise ProtocolError("DEVICE_FEATURE argsz is smaller than the request")
         if probe:
-            if request.argsz < len(frame.payload):
-                raise ProtocolError("DEVICE_FEATURE argsz is smaller than the request")
             return request
+        if request.argsz < DeviceFeature.SIZE + _FEATURE_DATA_SIZES[feature]:
+            # Refused before anything is acted on, as Linux's vfio_check_feature does.
+            raise ProtocolError(f"DEVICE_FEATURE argsz {request.argsz} is too small for it")
         if feature in _MIGRATION_FEATURE_OPS:
             return self._migration_feature(request)
         if feature == Feature.DMA_LOGGING_STOP:
@@ -931,7 +943,10 @@ class ServerConnection(Endpoint):
         if request.argsz < MigData.SIZE + request.size:
             raise ProtocolError("MIG_DATA_READ argsz is too small for the data asked")
         data = await self._migration().read(request.size)
-        return MigData(MigData.SIZE + len(data), len(data), data)
+        # argsz and size say how much is data; the message is padded with zeros to the
+        # size asked for, as libvfio-user sends it and its client reads it.
+        padded = data if len(data) == request.size else data + bytes(request.size - len(data))
+        return MigData(MigData.SIZE + len(data), len(data), padded)
 
     def _mig_data_write(self, frame: Frame) -> None:
         payload = frame.payload

@@ -185,7 +185,7 @@ def _file_mode(text: str) -> int:
 def server_options(args: argparse.Namespace) -> dict[str, Any]:
     """What the command line says about serving, as `Server` takes it."""
     return {
-        "dma_layout": DmaLayout(args.dma_layout),
+        "dma_layout": None if args.dma_layout is None else DmaLayout(args.dma_layout),
         "trace": args.trace,
         "negotiation_timeout": args.negotiation_timeout,
         "message_timeout": args.message_timeout,
@@ -233,11 +233,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     parser.add_argument(
         "--dma-layout",
-        default=DmaLayout.AUTO.value,
         choices=[layout.value for layout in DmaLayout],
         help="DMA_READ/DMA_WRITE layout (only used for guest memory that is not shared): "
         "auto asks each client, qemu is QEMU's vfio-user-pci, whose layout differs from "
-        "the spec's",
+        "the spec's (default: the device's choice, auto unless it names one)",
     )
     parser.add_argument(
         "--negotiation-timeout",

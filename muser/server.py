@@ -175,7 +175,7 @@ class Server:
         *,
         sock: socket.socket | None = None,
         max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
-        dma_layout: DmaLayout = DmaLayout.AUTO,
+        dma_layout: DmaLayout | None = None,
         handler_timeout: float | None = DEFAULT_HANDLER_TIMEOUT,
         negotiation_timeout: float | None = DEFAULT_NEGOTIATION_TIMEOUT,
         message_timeout: float | None = DEFAULT_MESSAGE_TIMEOUT,
@@ -189,8 +189,9 @@ class Server:
         self.path = _where(path, sock)
         """Where clients connect; for a given socket, its bound name ("" if unnamed)."""
         self.max_data_xfer_size = max_data_xfer_size
-        self.dma_layout = dma_layout
-        """How DMA_READ/DMA_WRITE are laid out: asked of each client (AUTO), or fixed."""
+        self.dma_layout = device.dma_layout if dma_layout is None else dma_layout
+        """How DMA_READ/DMA_WRITE are laid out: asked of each client (AUTO), or fixed;
+        the device's choice (`PciDevice.dma_layout`) unless given."""
         self.handler_timeout = handler_timeout
         """Seconds an awaiting handler may take before the client gets ETIMEDOUT
         (under QEMU's own 5 s); None waits forever."""

@@ -4,7 +4,8 @@
 
 It is for vfio-user clients that speak migration (libvfio-user's, muser's own),
 not for QEMU: like the original, BAR1 is an I/O BAR of 0x3000 bytes, which PCI
-(and so QEMU) does not allow.
+(and so QEMU) does not allow. libvfio-user's `samples/client` runs against it
+unmodified, migrating from it to its C twin or from the twin to it.
 
 - IDs dead:beef, subsystem cafe:babe, conventional PCI, no capabilities, INTx.
 - BAR0, 8 bytes of I/O, takes only 8-byte accesses at offset 0 (anything else is
@@ -15,9 +16,15 @@ not for QEMU: like the original, BAR1 is an I/O BAR of 0x3000 bytes, which PCI
 - When the timer fires the device raises INTx, writes 4 KiB ('A'..'D', 1 KiB
   each) straight into the second DMA window (dirtying its pages), then does four
   1 KiB DMA_WRITEs of 'A'..'D' into the first window and reads them back with two
-  2 KiB DMA_READs, by message even though that window has an fd.
-- Migration: BAR1 goes in pre-copy (muser carries mapped BAR memory), BAR0's value
-  in stop-copy, and on the destination RUNNING re-arms the timer from it.
+  2 KiB DMA_READs, by message even though that window has an fd. It speaks the
+  spec's DMA layout without asking (QEMU's is moot here), since libvfio-user's
+  client counts every DMA_WRITE it gets, a layout probe included.
+- Migration keeps server.c's stream, byte for byte, so either side may be the C
+  sample: PRE_COPY is BAR1 (0x3000 bytes), STOP_COPY is BAR1 again and then BAR0's
+  value (8 bytes, little-endian), an image complete on its own. A destination takes
+  that image alone (libvfio-user's client sends only the STOP_COPY part) or behind
+  whatever part of the PRE_COPY data came first (as a VMM sends the stream), and on
+  RUNNING re-arms the timer from it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import muser
 from muser import MigrationState, SharedMemory
 
 BAR1_SIZE = 0x3000
+IMAGE_SIZE = BAR1_SIZE + 8
+"""STOP_COPY's data: BAR1, then BAR0's value."""
 PATTERN = b"".join(bytes([ord("A") + index]) * 1024 for index in range(4))
 
 
@@ -58,7 +67,8 @@ class Timer(muser.PciDevice):
                     shared=SharedMemory(areas=((0, 0x1000), (0x2000, 0x1000))),
                 ),
             },
-            migration=muser.Migration(pre_copy=True),
+            migration=muser.Migration(pre_copy=True, stream=muser.MigrationStream.DEVICE),
+            dma_layout=muser.DmaLayout.SPEC,
             name="timer",
         )
 
@@ -75,7 +85,7 @@ class Timer(muser.PciDevice):
 
     def write_bar0(self, offset: int, data: bytes) -> None:
         self.check(offset, len(data))
-        self.deadline = int.from_bytes(data, "little")
+        self.deadline = int.from_bytes(data, "little", signed=True)
         if self.migration is None or self.migration.active:
             self.arm()
 
@@ -129,13 +139,20 @@ class Timer(muser.PciDevice):
             self.disarm()
 
     def save_state(self, phase: MigrationState) -> bytes:
-        return self.deadline.to_bytes(8, "little") if phase == MigrationState.STOP_COPY else b""
+        bar1 = self.shared_memory(1).tobytes()
+        if phase == MigrationState.STOP_COPY:
+            return bar1 + self.deadline.to_bytes(8, "little", signed=True)
+        return bar1
 
     async def load_state(self, chunks: AsyncIterator[bytes]) -> None:
-        state = b"".join([chunk async for chunk in chunks])
-        if len(state) != 8:
-            raise muser.VfioUserError(errno.EINVAL, "timer state is 8 bytes")
-        self.deadline = int.from_bytes(state, "little")
+        stream = b"".join([chunk async for chunk in chunks])
+        if not IMAGE_SIZE <= len(stream) <= BAR1_SIZE + IMAGE_SIZE:
+            raise muser.VfioUserError(
+                errno.EINVAL, f"a timer stream is a {IMAGE_SIZE}-byte image, after pre-copy data"
+            )
+        image = stream[-IMAGE_SIZE:]
+        self.shared_memory(1)[:] = image[:BAR1_SIZE]
+        self.deadline = int.from_bytes(image[BAR1_SIZE:], "little", signed=True)
 
     def reset(self, reason: muser.ResetReason) -> None:
         if reason is not muser.ResetReason.LOST_CONNECTION:

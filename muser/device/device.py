@@ -9,7 +9,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import TypeVar
 
-from muser.device.dma import DmaSpace
+from muser.device.dma import DmaLayout, DmaSpace
 from muser.device.irq import Interrupts
 from muser.device.migration import (
     TAG_CONFIG,
@@ -127,9 +127,14 @@ class PciDevice:
         err_irq: bool = True,
         req_irq: bool = True,
         migration: Migration | None = None,
+        dma_layout: DmaLayout = DmaLayout.AUTO,
         name: str | None = None,
     ) -> None:
         self.name = name or type(self).__name__
+        self.dma_layout = dma_layout
+        """The DMA_READ/DMA_WRITE layout to speak, unless the server is told one: AUTO
+        asks each client first (suits QEMU and clients of the spec that answer an
+        empty DMA_WRITE); a device for one kind of client names its layout."""
         _check_identity(
             vendor_id=(vendor_id, 16),
             device_id=(device_id, 16),
@@ -315,13 +320,15 @@ class PciDevice:
     def save_state(self, phase: MigrationState) -> bytes | AsyncIterable[bytes] | Awaitable[bytes]:
         """The device's own state for the migration stream, as bytes or a stream of
         chunks: in PRE_COPY what can be sent while running, in STOP_COPY the rest.
-        muser already carries config space, interrupts, the MSI-X table and mappable
-        BAR memory."""
+        With the default `MigrationStream.CARRIED`, muser already carries config
+        space, interrupts, the MSI-X table and mappable BAR memory."""
         return b""
 
     def load_state(self, chunks: AsyncIterator[bytes]) -> Awaitable[None] | None:
         """Take the chunks `save_state` produced on the source, in order (RESUMING ->
-        STOP). Raising fails the transition and puts the device in ERROR."""
+        STOP); with `MigrationStream.DEVICE`, the bytes the client wrote, in the
+        pieces it wrote them. Raising fails the transition and puts the device in
+        ERROR."""
         return None
 
     # Migration: what muser carries for the device

@@ -101,7 +101,9 @@ class Irq:
         self._controller = controller
         self.index = index
         self.count = count
-        self.info_flags = info_flags if count else IrqInfoFlag(0)
+        self.info_flags = info_flags
+        """What DEVICE_GET_IRQ_INFO reports, with or without vectors: Linux's
+        vfio-pci flags for the index."""
         self._automask = bool(self.info_flags & IrqInfoFlag.AUTOMASKED)
         self.gate: Callable[[int], int] = _always_open
         """Set by the controller: whether guest-visible state lets a vector through."""
@@ -172,6 +174,15 @@ class Irq:
         if not self._masked[vector]:  # as it is after an automasked delivery
             self._open[vector] = fd
         return Delivery.DELIVERED
+
+    def loopback(self, vector: int) -> None:
+        """SET_IRQS TRIGGER with DATA_NONE or DATA_BOOL: signal the vector's eventfd,
+        whatever the guest or the device has masked or disabled. It is the client
+        testing its own path, and Linux (vfio_pci_set_msi_trigger) and libvfio-user
+        signal it unconditionally too."""
+        fd = self._triggers[vector]
+        if fd is not None:
+            _signal(fd)
 
     def forget_open(self) -> None:
         """Something that gates delivery changed: decide afresh on the next trigger."""
@@ -377,20 +388,16 @@ class Interrupts:
         self._msix = msix
         self._running = True
         self.intx = IntxIrq(self, 1 if intx else 0)
-        self.msi = Irq(
-            self,
-            IrqIndex.MSI,
-            msi.vectors if msi else 0,
-            IrqInfoFlag.EVENTFD | IrqInfoFlag.MASKABLE | IrqInfoFlag.NORESIZE,
-        )
-        self.msix = Irq(
-            self,
-            IrqIndex.MSIX,
-            msix.table_size if msix else 0,
-            IrqInfoFlag.EVENTFD | IrqInfoFlag.MASKABLE,
-        )
-        self.err = Irq(self, IrqIndex.ERR, 1 if err else 0, IrqInfoFlag.EVENTFD)
-        self.req = Irq(self, IrqIndex.REQ, 1 if req else 0, IrqInfoFlag.EVENTFD)
+        # The flags Linux's vfio-pci reports (vfio_pci_ioctl_get_irq_info): INTx
+        # maskable and automasked, the others NORESIZE except MSI-X on a device that
+        # can add vectors one at a time (Linux 6.5 on), as muser can: QEMU then
+        # assigns a newly used vector alone rather than tearing down the set.
+        resizable = IrqInfoFlag.EVENTFD
+        fixed = IrqInfoFlag.EVENTFD | IrqInfoFlag.NORESIZE
+        self.msi = Irq(self, IrqIndex.MSI, msi.vectors if msi else 0, fixed)
+        self.msix = Irq(self, IrqIndex.MSIX, msix.table_size if msix else 0, resizable)
+        self.err = Irq(self, IrqIndex.ERR, 1 if err else 0, fixed)
+        self.req = Irq(self, IrqIndex.REQ, 1 if req else 0, fixed)
         self._by_index = (self.intx, self.msi, self.msix, self.err, self.req)
         self.msix_table = MsixTable(msix, self.msix.forget_open) if msix else None
         config.on_change(self._forget_open)
@@ -570,7 +577,7 @@ class Interrupts:
                 irq.disable()
             else:
                 for vector in selected:
-                    irq.trigger(vector)
+                    irq.loopback(vector)
         elif data_type == _DATA_EVENTFD:
             if action == _UNMASK:
                 irq.assign_unmask_fds(start, fds or [None] * count)

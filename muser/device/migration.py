@@ -6,10 +6,12 @@ stepped over. A SET runs one hop at a time, each hop calling the device's
 `migration_transition` hook. An impossible target is EINVAL with nothing changed;
 a failing hook leaves the device in ERROR, which only DEVICE_RESET leaves.
 
-The stream is muser's own framing: records of (tag, length, bytes). muser carries
-config space, the interrupt state the device holds, the MSI-X table and the
-memory of mappable BARs (unless the device opts out), so a device author only
-serialises their own registers, as records of their own.
+By default the stream is muser's own framing, records of (tag, length, bytes):
+muser carries config space, the interrupt state the device holds, the MSI-X table
+and the memory of mappable BARs, so a device author only serialises their own
+registers, as records of their own. A device that must keep a format of its own
+(to migrate to and from another implementation) owns the whole stream instead
+(`MigrationStream.DEVICE`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import inspect
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import construct as cs
@@ -139,15 +142,29 @@ def transition_path(
     return path
 
 
+class MigrationStream(Enum):
+    """What the migration stream is made of."""
+
+    CARRIED = "carried"
+    """muser's records: config space, interrupt state, the MSI-X table and mappable
+    BAR memory, which muser carries, and the device's own chunks."""
+    RECORDS = "records"
+    """muser's records of the device's own chunks alone: it carries all it needs."""
+    DEVICE = "device"
+    """The device's bytes as they are, nothing added: each phase's data is what
+    `save_state(phase)` makes of it, following on from any the client left unread,
+    and `load_state` gets the bytes the client wrote. For a format that must stay
+    as it is, e.g. to migrate to and from a C implementation of the device."""
+
+
 @dataclass(frozen=True)
 class Migration:
-    """A device's migration support: STOP_COPY always, PRE_COPY and P2P if declared.
-    With `carry_state`, muser migrates config space, interrupt state, the MSI-X table
-    and mappable BAR memory itself."""
+    """A device's migration support: STOP_COPY always, PRE_COPY and P2P if declared,
+    and what its stream is made of."""
 
     pre_copy: bool = True
     p2p: bool = False
-    carry_state: bool = True
+    stream: MigrationStream = MigrationStream.CARRIED
 
     @property
     def flags(self) -> MigrationFlag:
@@ -308,6 +325,18 @@ class ResumingSession:
             self.records.append((tag, payload))
 
 
+class RawResumingSession:
+    """The destination's stream of a device that owns it: kept as written (views of
+    the written bytes, which never change), for the device to take whole."""
+
+    def __init__(self) -> None:
+        self.chunks: list[memoryview] = []
+
+    def write(self, data: bytes | memoryview) -> None:
+        if data:
+            self.chunks.append(memoryview(data))
+
+
 class MigrationController:
     """A device's migration state, its sessions, and the hops between states."""
 
@@ -317,7 +346,9 @@ class MigrationController:
         self.flags = support.flags
         self.state = S.RUNNING
         self._saving: SavingSession | None = None
-        self._resuming: ResumingSession | None = None
+        self._resuming: ResumingSession | RawResumingSession | None = None
+        self._framed = support.stream is not MigrationStream.DEVICE
+        self._carried = support.stream is MigrationStream.CARRIED
 
     @property
     def active(self) -> bool:
@@ -355,7 +386,7 @@ class MigrationController:
             assert self._saving is not None
             self._saving.append(self._stop_copy_stream())
         if old == S.STOP and new == S.RESUMING:
-            self._resuming = ResumingSession()
+            self._resuming = ResumingSession() if self._framed else RawResumingSession()
         if old == S.RESUMING and new == S.STOP:
             await self._load()
         done = self._device.migration_transition(old, new)
@@ -369,25 +400,33 @@ class MigrationController:
     # The stream
 
     async def _pre_copy_stream(self) -> AsyncIterator[bytes]:
-        if self.support.carry_state:
+        if self._carried:
             for piece in _shared_bar_records(self._device):
                 yield piece
-        async for chunk in _chunks(self._device.save_state(S.PRE_COPY)):
-            for piece in record(TAG_DEVICE, chunk):
-                yield piece
+        async for piece in self._device_pieces(S.PRE_COPY):
+            yield piece
 
     async def _stop_copy_stream(self) -> AsyncIterator[bytes]:
-        if self.support.carry_state:
+        if self._carried:
             for tag, payload in self._device.carried_state():
                 for piece in record(tag, payload):
                     yield piece
             for piece in _shared_bar_records(self._device):
                 yield piece
-        async for chunk in _chunks(self._device.save_state(S.STOP_COPY)):
-            for piece in record(TAG_DEVICE, chunk):
-                yield piece
-        for piece in record(TAG_END, b""):
+        async for piece in self._device_pieces(S.STOP_COPY):
             yield piece
+        if self._framed:
+            for piece in record(TAG_END, b""):
+                yield piece
+
+    async def _device_pieces(self, phase: MigrationState) -> AsyncIterator[bytes]:
+        """The device's data for `phase`: as records, or as it is."""
+        async for chunk in _chunks(self._device.save_state(phase)):
+            if self._framed:
+                for piece in record(TAG_DEVICE, chunk):
+                    yield piece
+            else:
+                yield chunk
 
     async def read(self, size: int) -> bytes:
         if self._saving is None:
@@ -402,6 +441,11 @@ class MigrationController:
     async def _load(self) -> None:
         session = self._resuming
         assert session is not None
+        if isinstance(session, RawResumingSession):
+            done = self._device.load_state(_iterate([bytes(chunk) for chunk in session.chunks]))
+            if done is not None:
+                await done
+            return
         if not session.complete:
             raise VfioUserError(errno.EINVAL, "the migration stream is incomplete")
         device_chunks = [b"".join(pieces) for tag, pieces in session.records if tag == TAG_DEVICE]

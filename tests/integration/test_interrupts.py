@@ -95,17 +95,23 @@ async def eventually(condition: object) -> None:
     raise AssertionError("condition never became true")
 
 
+LINUX_IRQ_FLAGS = {
+    IrqIndex.INTX: IrqInfoFlag.EVENTFD | IrqInfoFlag.MASKABLE | IrqInfoFlag.AUTOMASKED,
+    IrqIndex.MSI: IrqInfoFlag.EVENTFD | IrqInfoFlag.NORESIZE,
+    IrqIndex.MSIX: IrqInfoFlag.EVENTFD,
+    IrqIndex.ERR: IrqInfoFlag.EVENTFD | IrqInfoFlag.NORESIZE,
+    IrqIndex.REQ: IrqInfoFlag.EVENTFD | IrqInfoFlag.NORESIZE,
+}
+"""What Linux's vfio-pci reports per index, vectors or not (MSI-X as on a device
+that can add vectors one at a time)."""
+
+
 async def test_irq_info(client: Client) -> None:
-    expected = {
-        IrqIndex.INTX: (IrqInfoFlag.EVENTFD | IrqInfoFlag.MASKABLE | IrqInfoFlag.AUTOMASKED, 1),
-        IrqIndex.MSI: (IrqInfoFlag.EVENTFD | IrqInfoFlag.MASKABLE | IrqInfoFlag.NORESIZE, 4),
-        IrqIndex.MSIX: (IrqInfoFlag.EVENTFD | IrqInfoFlag.MASKABLE, 4),
-        IrqIndex.ERR: (IrqInfoFlag.EVENTFD, 1),
-        IrqIndex.REQ: (IrqInfoFlag.EVENTFD, 1),
-    }
-    for index, (flags, count) in expected.items():
+    counts = dict(zip(IrqIndex, (1, 4, 4, 1, 1), strict=True))
+    for index, count in counts.items():
         info = await client.get_irq_info(index)
-        assert (info.argsz, info.index, info.flags, info.count) == (16, index, flags, count)
+        expected = (16, index, LINUX_IRQ_FLAGS[index], count)
+        assert (info.argsz, info.index, info.flags, info.count) == expected
 
 
 @pytest.mark.parametrize(
@@ -123,11 +129,13 @@ async def test_irq_info_invalid(client: Client, payload: bytes, name: str) -> No
 
 
 async def test_device_without_interrupts(sock_path: str) -> None:
+    """Every index still reports its flags, as Linux and libvfio-user do; count 0
+    says it has no vectors."""
     plain = muser.PciDevice(vendor_id=1, device_id=2, err_irq=False, req_irq=False)
     async with Server(plain, sock_path), await Client.connect(sock_path) as client:
-        for index in range(5):
+        for index, flags in LINUX_IRQ_FLAGS.items():
             info = await client.get_irq_info(index)
-            assert (info.flags, info.count) == (0, 0)
+            assert (info.flags, info.count) == (flags, 0)
         assert await config_read(client, Reg.INTERRUPT_PIN, 1) == 0
         with pytest.raises(muser.VfioUserError) as caught:
             await client.set_irqs(0, TRIGGER_NONE, 0, 0)
