@@ -92,8 +92,12 @@ from muser.wire.messages import (
     region_caps_bytes,
 )
 
-MAX_MSG_FDS = 16
-"""How many fds we accept per message; QEMU accepts at most 16 in our reply."""
+MAX_MSG_FDS = 8
+"""How many fds we accept per message: libvfio-user's server takes as many, and QEMU
+assumes as many of a server that names none. Clients size things by it (QEMU its
+SET_IRQS batches, libvfio-user's sample client its DMA windows, which it expects a
+migration destination to agree on), so a muser device and its libvfio-user twin
+should say the same."""
 MESSAGE_OVERHEAD = 32
 """Room for header and fixed fields around `max_data_xfer_size` bytes of data."""
 MAX_QUEUED_BYTES = 8 * 1024 * 1024

@@ -50,7 +50,7 @@ async def test_qemu_capabilities(server: Server) -> None:
     assert " " not in text, "compact JSON"
     caps = json.loads(text)["capabilities"]
     assert caps == {
-        "max_msg_fds": 16,
+        "max_msg_fds": 8,
         "max_data_xfer_size": 1048576,
         "pgsizes": 4096,
         "max_dma_maps": 65535,
@@ -79,7 +79,7 @@ async def test_reply_fits_a_small_request(server: Server) -> None:
     request = message(0, Command.VERSION, Version(0, 0, small).build())
     reply, size = await negotiate_raw(server.path, request)
     assert size <= len(request)
-    assert json.loads(reply.capabilities[:-1])["capabilities"]["max_msg_fds"] == 16
+    assert json.loads(reply.capabilities[:-1])["capabilities"]["max_msg_fds"] == 8
 
 
 async def test_no_json_gets_no_json(server: Server) -> None:
@@ -91,7 +91,7 @@ async def test_no_json_gets_no_json(server: Server) -> None:
 async def test_client_negotiates(client: Client) -> None:
     assert client.server_version == (0, 2)
     assert client.server is not None
-    assert client.server.max_msg_fds == 16
+    assert client.server.max_msg_fds == 8
     assert client.server.max_data_xfer_size == 1 << 20
 
 
