@@ -1,7 +1,11 @@
 """Fuzz a live muser server over a real socket with frames mutated from the golden
-vectors. The server must never die, never stop answering (each batch ends with a
-probe that must be answered within a bound), and must end with the fds and
-memory it started with.
+vectors, from clients of three kinds: one that reads every reply and says goodbye,
+one that reads for a while and then closes abruptly, and one that never reads a
+reply and closes with the start of one more message in flight (the close of a peer
+with our replies unread reaches us as EPOLLERR, on which uvloop calls a reader
+once). The server must never die, never stop answering (each batch ends with a
+probe that must be answered within a bound), and must end with the fds and memory
+it started with.
 
     python -m tests.fuzz --frames 1000000      # the long run
 """
@@ -86,35 +90,52 @@ async def _drain(sock: socket.socket) -> None:
         pass
 
 
-async def _batch(path: str, frames: list[bytes], rng: random.Random) -> int:
-    """One connection: VERSION, then the frames, some with fds, replies drained.
-    Returns how many frames went out before the server closed the connection."""
+READS, NEVER_READS, CLOSES_ABRUPTLY = "reads", "never reads", "closes abruptly"
+CLIENT_KINDS = (READS, NEVER_READS, CLOSES_ABRUPTLY)
+
+
+async def _batch(path: str, frames: list[bytes], rng: random.Random, kind: str) -> int:
+    """One connection of a client of `kind`: VERSION, then the frames, some with fds.
+    Returns how many frames went out before the server closed the connection (or the
+    client stopped: one that never reads may find the server no longer reading)."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.setblocking(False)
     await loop.sock_connect(sock, path)
-    drain = loop.create_task(_drain(sock))
+    drain = None if kind == NEVER_READS else loop.create_task(_drain(sock))
+    if kind != READS:
+        # few frames, so that the connection is likely to outlive them and the
+        # close, not a bad frame, ends it
+        frames = frames[: rng.randint(1, 8)]
     sent = 0
     try:
-        await loop.sock_sendall(sock, version_request())
-        for frame in frames:
-            if rng.random() < 0.05:
-                fd = os.eventfd(0) if rng.random() < 0.5 else os.memfd_create("fuzz")
-                try:
-                    await _send_with_fd(sock, frame, fd)
-                finally:
-                    os.close(fd)
-            else:
-                await loop.sock_sendall(sock, frame)
-            sent += 1
-    except (ConnectionError, BrokenPipeError):
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            await loop.sock_sendall(sock, version_request())
+            for frame in frames:
+                if rng.random() < 0.05:
+                    fd = os.eventfd(0) if rng.random() < 0.5 else os.memfd_create("fuzz")
+                    try:
+                        await _send_with_fd(sock, frame, fd)
+                    finally:
+                        os.close(fd)
+                else:
+                    await loop.sock_sendall(sock, frame)
+                sent += 1
+            if kind != READS:
+                await asyncio.sleep(0.002)  # the server answers; nobody reads it
+                last = rng.choice(frames)
+                await loop.sock_sendall(sock, last[: rng.randrange(1, len(last) + 1)])
+    except (ConnectionError, BrokenPipeError, TimeoutError):
         pass
     finally:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-        try:
-            await asyncio.wait_for(drain, PROBE_TIMEOUT)
-        except (ConnectionError, TimeoutError):
+        if kind == READS and drain is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+            try:
+                await asyncio.wait_for(drain, PROBE_TIMEOUT)
+            except (ConnectionError, TimeoutError):
+                drain.cancel()
+        elif drain is not None:
             drain.cancel()
         sock.close()
     return sent
@@ -148,10 +169,11 @@ async def fuzz(frames: int, seed: int = 0) -> FuzzReport:
             while sent < frames:
                 count = min(BATCH, frames - sent)
                 batch = [mutate(rng.choice(seeds), rng) for _ in range(count)]
-                sent += await _batch(path, batch, rng)
+                sent += await _batch(path, batch, rng, rng.choice(CLIENT_KINDS))
                 connections += 1
-                while server.connection is not None:
-                    await asyncio.sleep(0.001)
+                async with asyncio.timeout(PROBE_TIMEOUT):  # the device is free again
+                    while server.connection is not None:
+                        await asyncio.sleep(0.001)
                 async with asyncio.timeout(PROBE_TIMEOUT), await Client.connect(path) as probe:
                     assert (await probe.get_device_info()).num_regions == 9
             seconds = time.monotonic() - started

@@ -20,6 +20,7 @@ class Record:
     command: int
     msg_id: int
     flags: int
+    session: str
 
 
 def load(path: Path) -> list[Record]:
@@ -33,6 +34,7 @@ def load(path: Path) -> list[Record]:
             raw["command"],
             raw["msg_id"],
             raw["flags"],
+            raw["session"],
         )
         for index, raw in enumerate(json.loads(path.read_text()))
     ]

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from muser import Client
+from tests.helpers import RawPeer
 
 ROOT = Path(__file__).resolve().parents[2]
 one_loop = pytest.mark.asyncio(loop_factories=["asyncio"])
@@ -169,3 +171,57 @@ async def test_trace_records_what_a_client_sends_and_receives(sock_dir: str) -> 
         ("c2s", "VFIO_USER_REGION_READ"),
         ("s2c", "VFIO_USER_REGION_READ"),
     ]
+
+
+@one_loop
+async def test_access_options(sock_dir: str) -> None:
+    """--socket-mode sets the socket file's permissions; --allow-uid and --allow-gid
+    refuse other peers (here, us) and let the named ones in."""
+    path = os.path.join(sock_dir, "null.sock")
+    process = await start(
+        "null", "--socket", path, "--socket-mode", "660", "--allow-uid", str(os.getuid() + 1)
+    )
+    await wait_for_socket(path, process)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    peer = await RawPeer.connect(path)
+    assert await peer.expect_closed() == b""
+    peer.close()
+    stderr = await stop(process, signal.SIGTERM)
+    assert "refused a client not on the allow-list" in stderr
+    process = await start(
+        "null", "--socket", path, "--allow-uid", str(os.getuid()), "--allow-gid", str(os.getgid())
+    )
+    await wait_for_socket(path, process)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    async with await Client.connect(path) as client:
+        assert (await client.get_device_info()).num_regions == 9
+    await stop(process, signal.SIGTERM)
+
+
+@one_loop
+async def test_negotiation_timeout_option(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "null.sock")
+    process = await start("null", "--socket", path, "--negotiation-timeout", "0.2")
+    await wait_for_socket(path, process)
+    silent = await RawPeer.connect(path)
+    assert await silent.expect_closed() == b""
+    silent.close()
+    stderr = await stop(process, signal.SIGTERM)
+    assert "client did not negotiate in time" in stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--socket-mode", "999"), ("--negotiation-timeout", "-1"), ("--fd-budget", "0")],
+    ids=["mode not octal", "negative timeout", "no fds"],
+)
+def test_bad_option_values_are_refused(args: tuple[str, ...]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "muser.run", "null", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert args[0] in result.stderr
