@@ -165,6 +165,11 @@ class Migration:
     pre_copy: bool = True
     p2p: bool = False
     stream: MigrationStream = MigrationStream.CARRIED
+    max_device_data: int = 64 << 20
+    """The most of the stream a destination takes beyond what muser carries (the
+    device's own chunks, with their record headers): ENOSPC beyond. The stream is
+    held until RESUMING -> STOP, so a client must not be able to grow it without
+    bound."""
 
     @property
     def flags(self) -> MigrationFlag:
@@ -347,6 +352,10 @@ class MigrationController:
         self.state = S.RUNNING
         self._saving: SavingSession | None = None
         self._resuming: ResumingSession | RawResumingSession | None = None
+        self._resumed = 0
+        """Bytes the resuming session holds."""
+        self._resume_limit = 0
+        """And the most it may hold."""
         self._framed = support.stream is not MigrationStream.DEVICE
         self._carried = support.stream is MigrationStream.CARRIED
 
@@ -387,6 +396,8 @@ class MigrationController:
             self._saving.append(self._stop_copy_stream())
         if old == S.STOP and new == S.RESUMING:
             self._resuming = ResumingSession() if self._framed else RawResumingSession()
+            self._resumed = 0
+            self._resume_limit = self.support.max_device_data + self._carried_size()
         if old == S.RESUMING and new == S.STOP:
             await self._load()
         done = self._device.migration_transition(old, new)
@@ -436,7 +447,25 @@ class MigrationController:
     def write(self, data: bytes | memoryview) -> None:
         if self._resuming is None:
             raise VfioUserError(errno.EINVAL, f"migration data is not taken in {self.state.name}")
+        if self._resumed + len(data) > self._resume_limit:
+            raise VfioUserError(
+                errno.ENOSPC,
+                "the migration stream is more than this device takes (Migration.max_device_data)",
+            )
+        self._resumed += len(data)
         self._resuming.write(data)
+
+    def _carried_size(self) -> int:
+        """The bytes of the stream muser carries for this device, framing included."""
+        if not self._framed:
+            return 0
+        size = RecordHeader.SIZE  # the end record
+        if self._carried:
+            device = self._device
+            records = [len(payload) for _tag, payload in device.carried_state()]
+            records += [shared.size for shared in device.shared.values()]
+            size += sum(records) + len(records) * RecordHeader.SIZE
+        return size
 
     async def _load(self) -> None:
         session = self._resuming

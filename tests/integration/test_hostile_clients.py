@@ -4,7 +4,7 @@ found, kept found (every test runs on asyncio and on uvloop).
 1. closing with a reply unread and bytes in flight (uvloop drops a reader after EPOLLERR)
 2. never negotiating, or stopping halfway through a message
 3. never reading what we answer (the send queue bounds every reply path; repeated
-   warnings are held back)
+   warnings are held back), or writing a migration stream that never ends
 4. shrinking a mapped file under us (SIGBUS)
 5. exhausting file descriptors (per-client budget, EMFILE replies, accept back-off)
 8. SET_IRQS loopback triggers; 9. DEVICE_FEATURE SET with a short argsz
@@ -242,6 +242,28 @@ async def test_region_reads_never_read_stop_the_reading_too(sock_path: str) -> N
         assert not connection.transport.reading
         assert connection.transport.write_buffer_size < 2 * WRITE_HIGH_WATER
         peer.close()
+
+
+async def test_a_migration_stream_without_end_is_refused_at_its_bound(sock_path: str) -> None:
+    """A destination holds the stream until RESUMING -> STOP; past the device's bound
+    MIG_DATA_WRITE is ENOSPC, whatever the client keeps writing."""
+    device = PciDevice(
+        vendor_id=1, device_id=2, migration=Migration(max_device_data=1 << 20), name="dst"
+    )
+    async with Server(device, sock_path), await Client.connect(sock_path) as client:
+        await client.set_migration_state(MigrationState.RESUMING)
+        chunk = bytes(256 << 10)
+        refused = None
+        for _ in range(16):
+            try:
+                await client.mig_data_write(chunk)
+            except VfioUserError as exc:
+                refused = exc
+                break
+        assert refused is not None
+        assert refused.errno == errno.ENOSPC
+        assert device.migration is not None
+        assert device.migration.state is MigrationState.RESUMING
 
 
 # 4. A client that shrinks a mapped file under us
