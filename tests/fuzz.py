@@ -7,7 +7,7 @@ once). The server must never die, never stop answering (each batch ends with a
 probe that must be answered within a bound), and must end with the fds and memory
 it started with.
 
-    python -m tests.fuzz --frames 1000000      # the long run
+    python -m tests.fuzz --frames 1000000 [--loop asyncio]   # the long run
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import structlog
 
 from muser import Client, Server
+from muser.run import loop_factory
 from muser.wire.constants import HEADER_SIZE
 from tests.helpers import open_fds, version_request
 from tests.integration.test_hostile import Target
@@ -188,9 +189,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__)
     parser.add_argument("--frames", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
-    report = asyncio.run(fuzz(args.frames, args.seed))
+    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+        report = runner.run(fuzz(args.frames, args.seed))
     print(
         f"{report.frames} frames over {report.connections} connections in "
         f"{report.seconds:.1f} s ({report.frames / report.seconds:,.0f} frames/s); "
