@@ -268,18 +268,21 @@ class ServerConnection(Endpoint):
 
     # The fast lane
 
-    def data_received(self, data: bytes, fds: list[int], *, fds_lost: bool = False) -> None:
+    def data_received(  # noqa: PLR0915 - inlined on purpose: it is every MMIO access's path
+        self, data: bytes, fds: list[int], fds_lost: bool = False
+    ) -> bool:
         """REGION_READ and REGION_WRITE, what a guest's MMIO becomes, are served
         straight from the received bytes while nothing else is in flight: whole,
         valid messages without fds, one after another. The first message that needs
         more (fds, a partial message, another command, anything to refuse) goes with
-        all after it the general way, in order."""
+        all after it the general way, in order. Whether the lane sent a reply."""
         if fds or fds_lost or not self._fast_lane or self._busy or self._framer.buffered:
             self._receive_in_general(data, fds, fds_lost)
-            return
+            return False
         max_count, regions, region_sizes, readers, write = self._lane
         transport = self.transport
         position, end = 0, len(data)
+        answered = False
         # shut_down (from a handler) clears _fast_lane; a failed send closes the transport
         while end - position >= _ACCESS_SIZE and self._fast_lane and not transport.closed:
             msg_id, command, size, flags, _error, offset, region, count = _unpack_access(
@@ -305,6 +308,7 @@ class ServerConnection(Endpoint):
                 else:
                     if type(result) is bytes and len(result) == count:
                         if not flags & NO_REPLY_BIT:
+                            answered = True
                             transport.send_message(
                                 _pack_access(
                                     msg_id,
@@ -330,6 +334,7 @@ class ServerConnection(Endpoint):
                 else:
                     if done is None:
                         if not flags & NO_REPLY_BIT:
+                            answered = True
                             transport.send_message(
                                 _pack_access(
                                     msg_id,
@@ -360,10 +365,11 @@ class ServerConnection(Endpoint):
             transport.close_when_sent()
         if position < end:
             self._receive_in_general(data[position:] if position else data, fds, False)
+        return answered
 
     def _receive_in_general(self, data: bytes, fds: list[int], fds_lost: bool) -> None:
         """The framer and the queue; a message left partial starts its deadline."""
-        super().data_received(data, fds, fds_lost=fds_lost)
+        super().data_received(data, fds, fds_lost)
         if self._framer.buffered and self._message_deadline is None:
             self._start_message_deadline()
 

@@ -98,7 +98,9 @@ class Endpoint:
 
     # Transport callbacks
 
-    def data_received(self, data: bytes, fds: list[int], *, fds_lost: bool = False) -> None:
+    def data_received(self, data: bytes, fds: list[int], fds_lost: bool = False) -> bool:
+        """Frame what arrived and take each message; whether an answer went out is
+        not followed here (False), so the transport looks for more itself."""
         framer = self._framer
         if (
             not fds
@@ -115,12 +117,12 @@ class Endpoint:
                 message_type = flags & MESSAGE_TYPE_MASK
                 if message_type == FLAGS_REPLY:
                     self._reply_received(Frame(msg_id, command, flags, error, data[HEADER_SIZE:]))
-                    return
+                    return False
                 if message_type == FLAGS_COMMAND:
                     self._command_received(
                         Frame(msg_id, command, flags, error, data[HEADER_SIZE:])
                     )
-                    return
+                    return False
         try:
             frames = self._framer.feed(data, fds, fds_lost=fds_lost)
             broken: FramingError | None = None
@@ -145,6 +147,7 @@ class Endpoint:
         if broken is not None:
             self.log.warning("protocol violation; closing the connection", error=str(broken))
             self._stream_broken()
+        return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._framer.close()

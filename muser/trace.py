@@ -181,7 +181,7 @@ class _ReplayPeer:
         self.frames: asyncio.Queue[Frame | None] = asyncio.Queue()
         self.transport = FdTransport(sock, self, max_receive_fds=16)
 
-    def data_received(self, data: bytes, fds: list[int], *, fds_lost: bool = False) -> None:
+    def data_received(self, data: bytes, fds: list[int], fds_lost: bool = False) -> bool:
         try:
             frames = self._framer.feed(data, fds, fds_lost=fds_lost)
         except FramingError as exc:
@@ -190,6 +190,7 @@ class _ReplayPeer:
             self.transport.close()
         for frame in frames:
             self.frames.put_nowait(frame)
+        return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._framer.close()

@@ -11,6 +11,7 @@ import array
 import asyncio
 import itertools
 import os
+import select
 import socket
 from collections import deque
 from collections.abc import Sequence
@@ -43,10 +44,11 @@ RECEIVES_PER_CALL = 16
 class TransportProtocol(Protocol):
     """What a transport reports to its owner, always from the loop's thread."""
 
-    def data_received(self, data: bytes, fds: list[int], *, fds_lost: bool = False) -> None:
+    def data_received(self, data: bytes, fds: list[int], fds_lost: bool = False) -> bool | None:
         """Bytes in arrival order, with the fds that came with them (now owned by the
         callee); `fds_lost` when some of those fds could not be received because this
-        process had no descriptors left."""
+        process had no descriptors left. True when it sent something in answer: had
+        the peer gone, that send failed, so the transport need not look for more."""
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """The socket is closed: peer EOF (None), an OS error, or a protocol error."""
@@ -118,6 +120,8 @@ class FdTransport:
         self._protocol = protocol
         self._max_receive_fds = max(max_receive_fds, 1)
         self._ancillary_size = socket.CMSG_SPACE(4 * self._max_receive_fds)
+        self._poller = select.poll()
+        self._poller.register(self._fd, select.POLLIN | select.POLLRDHUP)
         self._writes: deque[_PendingWrite] = deque()
         self.write_buffer_size = 0
         """Bytes queued for the peer that the socket has not taken yet (read only)."""
@@ -162,18 +166,21 @@ class FdTransport:
             self.reading = False
 
     def _on_readable(self) -> None:
-        """Receive until the socket has nothing more, reading stops, or the socket
-        closes; after RECEIVES_PER_CALL receives, go on in a later callback.
+        """Receive until the protocol answers, the socket has nothing more, reading
+        stops, or the socket closes; after RECEIVES_PER_CALL receives, go on in a
+        later callback.
 
-        Reading on to EAGAIN, rather than once per callback, is what makes a peer's
-        close reach us on every loop: a peer that closes with our reply unread makes
-        epoll report EPOLLERR, and uvloop then calls the reader once and stops
-        watching the socket, so a single receive that returned data would never
-        learn of the close. The later callback is scheduled here, not left to epoll,
-        for the same reason; the bound keeps a flooding peer from starving the loop."""
-        for _ in range(RECEIVES_PER_CALL):
-            if not self.reading:
-                return
+        Reading on, rather than once per callback, is what makes a peer's close
+        reach us on every loop: a peer that closes with our reply unread makes epoll
+        report EPOLLERR, and uvloop then calls the reader once and stops watching
+        the socket, so a single receive that returned data would never learn of the
+        close. A receive the protocol answered needs no more: had the peer gone, the
+        answer's send failed. After any other, a poll of no time says whether there
+        is more (cheaper than a receive that fails with EAGAIN, an exception). The
+        later callback is scheduled here, not left to epoll, for the same reason;
+        the bound keeps a flooding peer from starving the loop."""
+        receives = 0
+        while True:
             try:
                 data, ancdata, msg_flags, _ = self._sock.recvmsg(
                     RECEIVE_SIZE, self._ancillary_size, _MSG_CMSG_CLOEXEC
@@ -184,26 +191,40 @@ class FdTransport:
                 self._abort(exc)
                 return
             if data and not ancdata and not msg_flags & _MSG_CTRUNC:
-                self._protocol.data_received(data, [])  # bytes alone: almost every receive
-                continue
-            if not data:
-                close_fds(_received_fds(ancdata))
-                self._abort(None)
-                return
-            fds = _received_fds(ancdata)
-            if msg_flags & _MSG_CTRUNC:
-                if len(fds) >= self._max_receive_fds:
-                    close_fds(fds)
-                    message = "more file descriptors than advertised: control data truncated"
-                    self._abort(ProtocolError(message))
+                if self._protocol.data_received(data, []):  # bytes alone: almost every receive
                     return
-                # Fewer fds than there was room for: the kernel could not install the
-                # rest because this process is out of descriptors (EMFILE/ENFILE).
-                # The message goes on, marked, to be refused with EMFILE.
-                self._protocol.data_received(data, fds, fds_lost=True)
-                continue
-            self._protocol.data_received(data, fds)
-        self._loop.call_soon(self._on_readable)
+            elif self._deliver(data, ancdata, msg_flags):
+                return
+            receives += 1
+            if receives == RECEIVES_PER_CALL:
+                self._loop.call_soon(self._read_on)
+                return
+            if not self.reading or not self._poller.poll(0):
+                return
+
+    def _read_on(self) -> None:
+        if self.reading and self._poller.poll(0):
+            self._on_readable()
+
+    def _deliver(self, data: bytes, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> bool:
+        """A receive that is not bytes alone: the peer's EOF, fds, or fds that did not
+        all arrive. Returns whether to stop reading now."""
+        fds = _received_fds(ancdata)
+        if not data:
+            close_fds(fds)
+            self._abort(None)
+            return True
+        if not msg_flags & _MSG_CTRUNC:
+            return bool(self._protocol.data_received(data, fds))
+        if len(fds) >= self._max_receive_fds:
+            close_fds(fds)
+            message = "more file descriptors than advertised: control data truncated"
+            self._abort(ProtocolError(message))
+            return True
+        # Fewer fds than there was room for: the kernel could not install the rest
+        # because this process is out of descriptors (EMFILE/ENFILE). The message
+        # goes on, marked, to be refused with EMFILE.
+        return bool(self._protocol.data_received(data, fds, True))
 
     def send(self, buffers: Sequence[bytes], fds: Sequence[int] = ()) -> None:
         """Send one message (its buffers in order) with `fds` attached to its first byte.
