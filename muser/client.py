@@ -19,7 +19,7 @@ from typing import Any, Self
 import structlog
 
 from muser.device.dma import DmaLayout
-from muser.endpoint import Endpoint, Payload, command_name
+from muser.endpoint import Endpoint, Payload
 from muser.errors import ProtocolError, VfioUserError
 from muser.wire import Capabilities, Frame, build_capabilities, parse_capabilities
 from muser.wire.constants import (
@@ -35,6 +35,7 @@ from muser.wire.constants import (
     FeatureFlag,
     MigrationFlag,
     MigrationState,
+    command_name,
 )
 from muser.wire.messages import (
     ACCESS_CODEC,

@@ -21,7 +21,7 @@ from typing import Any
 from muser.device import PciDevice, ResetReason
 from muser.device.dma import DmaLayout
 from muser.device.migration import MigrationController
-from muser.endpoint import Endpoint, Payload, WireRecorder, command_name
+from muser.endpoint import Endpoint, Payload, WireRecorder
 from muser.errors import ConnectionClosedError, ProtocolError, VfioUserError
 from muser.log_limit import LogLimiter
 from muser.transport import WRITE_HIGH_WATER
@@ -54,6 +54,7 @@ from muser.wire.constants import (
     MigrationState,
     RegionCapId,
     RegionFlag,
+    command_name,
 )
 from muser.wire.messages import (
     ACCESS_MESSAGE,

@@ -26,7 +26,7 @@ from muser.wire.constants import (
     FLAGS_REPLY,
     HEADER_SIZE,
     MESSAGE_TYPE_MASK,
-    Command,
+    command_name,
 )
 from muser.wire.messages import HEADER_CODEC
 
@@ -49,13 +49,6 @@ def debug_enabled(logger: Any) -> bool:
         if check is not None:
             return bool(check(logging.DEBUG))
     return True
-
-
-def command_name(command: int) -> str:
-    try:
-        return Command(command).name
-    except ValueError:
-        return str(command)
 
 
 class WireRecorder(Protocol):

@@ -31,6 +31,7 @@ from muser.connection import ServerConnection
 from muser.device import PciDevice
 from muser.device.dma import DmaLayout
 from muser.endpoint import WireRecorder
+from muser.recording import WireTrace
 from muser.wire.constants import DEFAULT_MAX_DATA_XFER_SIZE
 
 LISTEN_BACKLOG = 8
@@ -333,7 +334,7 @@ class Server:
     def _connect(self, sock: socket.socket) -> ServerConnection | None:
         recorder: WireRecorder | None = None
         try:
-            recorder = None if self.trace is None else self._open_trace(self.trace)
+            recorder = None if self.trace is None else WireTrace(self.trace)
             return ServerConnection(
                 sock,
                 self.device,
@@ -351,12 +352,6 @@ class Server:
                 recorder.close()
             self.log.exception("could not set up a client connection", exc_info=exc)
             return None
-
-    @staticmethod
-    def _open_trace(path: str) -> WireRecorder:
-        from muser.trace import WireTrace  # noqa: PLC0415 - loaded only when tracing
-
-        return WireTrace(path)
 
     def _peer_allowed(self, sock: socket.socket) -> bool:
         if self.allowed_uids is None and self.allowed_gids is None:

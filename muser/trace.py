@@ -1,10 +1,4 @@
-"""Wire traces: record every message of a server's sessions, and replay them.
-
-`Server(device, path, trace="session.jsonl")` appends one JSON object per message,
-in and out, in the shape of the golden transcripts in `tests/vectors` (`dir`,
-`hex`, `nfds`, `command`, `name`, `session`, `msg_id`, `flags`, `error`), one
-object per line so a trace survives a crash up to its last message. Tracing is
-off unless asked for; off, it costs one `is None` test per message.
+"""Replaying a wire trace (see `muser.recording`) against a device.
 
     python -m muser.trace replay session.jsonl DEVICE
 
@@ -20,138 +14,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
-import json
 import os
 import socket
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any
-
-import structlog
 
 from muser.device import PciDevice
-from muser.endpoint import command_name
-from muser.run import configure_logging, load_device_factory
+from muser.loading import configure_logging, load_device_factory
+from muser.recording import CLIENT_TO_SERVER, SERVER_TO_CLIENT, Record, load, sessions
 from muser.server import Server
 from muser.transport import FdTransport
 from muser.wire import Frame, Framer, FramingError, close_fds
 from muser.wire.constants import DEFAULT_MAX_DATA_XFER_SIZE, HEADER_SIZE, Command
 from muser.wire.messages import DmaMap
 
-CLIENT_TO_SERVER = "c2s"
-SERVER_TO_CLIENT = "s2c"
 REPLY_TIMEOUT = 5.0
 """Seconds the replayer waits for a reply before calling it missing."""
-_sessions = itertools.count(1)
-
-
-def _vector_name(command: int) -> str:
-    name = command_name(command)
-    return f"VFIO_USER_{name}" if not name.isdigit() else name
-
-
-class WireTrace:
-    """Records one server connection's messages to a JSON-lines file (appending, so
-    several sessions can share a file; each is labelled `session`)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.session = f"{uuid.uuid4().hex[:12]}-{next(_sessions)}"
-        """Unique across processes, so runs appending to one file stay apart."""
-        self._file: IO[str] | None = open(path, "a", encoding="ascii")  # noqa: SIM115
-
-    def received(self, frame: Frame) -> None:
-        self._write(CLIENT_TO_SERVER, frame.encode(), len(frame.fds))
-
-    def sent(self, message: bytes, nfds: int) -> None:
-        self._write(SERVER_TO_CLIENT, message, nfds)
-
-    def _write(self, direction: str, message: bytes, nfds: int) -> None:
-        if self._file is None:
-            return
-        record = Record(direction, message, nfds, self.session)
-        try:
-            self._file.write(json.dumps(record.to_json()) + "\n")
-            self._file.flush()
-        except OSError as exc:
-            # A full disk ends the trace, never the session it was recording.
-            structlog.get_logger("muser").error("wire trace stopped", error=exc.strerror)
-            self.close()
-
-    def close(self) -> None:
-        file, self._file = self._file, None
-        if file is not None:
-            with contextlib.suppress(OSError):
-                file.close()
-
-
-@dataclass(frozen=True)
-class Record:
-    """One message as it went over the socket."""
-
-    direction: str
-    data: bytes
-    nfds: int
-    session: str
-
-    @property
-    def msg_id(self) -> int:
-        return int.from_bytes(self.data[0:2], "little")
-
-    @property
-    def command(self) -> int:
-        return int.from_bytes(self.data[2:4], "little")
-
-    @property
-    def flags(self) -> int:
-        return int.from_bytes(self.data[8:12], "little")
-
-    @property
-    def error(self) -> int:
-        return int.from_bytes(self.data[12:16], "little")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "dir": self.direction,
-            "hex": self.data.hex(),
-            "nfds": self.nfds,
-            "command": self.command,
-            "name": _vector_name(self.command),
-            "session": self.session,
-            "msg_id": self.msg_id,
-            "flags": self.flags,
-            "error": self.error,
-        }
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> Record:
-        return cls(raw["dir"], bytes.fromhex(raw["hex"]), raw["nfds"], str(raw["session"]))
-
-    def describe(self) -> str:
-        return f"{_vector_name(self.command)} msg_id {self.msg_id}"
-
-
-def load(path: str | os.PathLike[str]) -> list[Record]:
-    """A trace's records, from JSON lines (what `WireTrace` writes) or a JSON list
-    (the golden transcripts in tests/vectors)."""
-    text = Path(path).read_text(encoding="ascii")
-    if text.lstrip().startswith("["):
-        raws = json.loads(text)
-    else:
-        raws = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [Record.from_json(raw) for raw in raws]
-
-
-def sessions(records: Sequence[Record]) -> dict[str, list[Record]]:
-    """Records grouped by session, sessions in the order they started."""
-    grouped: dict[str, list[Record]] = {}
-    for record in records:
-        grouped.setdefault(record.session, []).append(record)
-    return grouped
 
 
 def stand_in_fds(record: Record) -> list[int]:

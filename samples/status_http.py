@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import muser
-from muser.run import configure_logging
+from muser.loading import configure_logging
 
 from .gpio import Gpio
 

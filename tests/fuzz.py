@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import structlog
 
 from muser import Client, Server
-from muser.run import loop_factory
+from muser.loading import loop_factory
 from muser.wire.constants import HEADER_SIZE
 from tests.helpers import open_fds, version_request
 from tests.integration.test_hostile import Target

@@ -227,3 +227,11 @@ class MigrationState(IntEnum):
     RUNNING_P2P = 5
     PRE_COPY = 6
     PRE_COPY_P2P = 7
+
+
+def command_name(command: int) -> str:
+    """A command's name for logs and traces; its number if it has none."""
+    try:
+        return Command(command).name
+    except ValueError:
+        return str(command)

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from muser import Server
-from muser.trace import Record as TraceRecord
+from muser.recording import Record as TraceRecord
 from muser.trace import stand_in_fds
 from muser.wire import Capabilities, close_fds, parse_capabilities
 from muser.wire.constants import HEADER_SIZE, Command, IrqInfoFlag, MigrationState, PciRegion

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from muser import Client, Server
-from muser.trace import Record, load, replay
+from muser.recording import Record, load
+from muser.trace import replay
 from muser.wire.constants import Command, IrqIndex, IrqSetFlag
 from muser.wire.messages import RegionAccess
 from muser_samples import gpio
