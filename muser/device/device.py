@@ -11,20 +11,14 @@ from typing import TypeVar
 
 from muser.device.dma import DmaLayout, DmaSpace
 from muser.device.irq import Interrupts
-from muser.device.migration import (
-    TAG_CONFIG,
-    TAG_INTERRUPTS,
-    TAG_MSIX_TABLE,
-    TAG_SHARED_BAR,
-    Migration,
-    MigrationController,
-)
+from muser.device.migration import Migration, MigrationController
 from muser.device.regions import Bar, ConfigRegisters
 from muser.device.shared import DoorbellFds, SharedBar
 from muser.errors import VfioUserError
 from muser.pci.capabilities import Capability, ExtendedCapability, Msi, MsiX
 from muser.pci.config import HEADER_SIZE, ConfigSpace, Reg, rom_size_for
 from muser.wire.constants import (
+    NUM_BARS,
     PCI_NUM_IRQS,
     PCI_NUM_REGIONS,
     MigrationState,
@@ -32,7 +26,6 @@ from muser.wire.constants import (
     RegionFlag,
 )
 
-NUM_BARS = 6
 INTERRUPT_PIN_INTA = 1
 
 ConfigWatcher = Callable[[int, int], Awaitable[None] | None]
@@ -330,55 +323,6 @@ class PciDevice:
         pieces it wrote them. Raising fails the transition and puts the device in
         ERROR."""
         return None
-
-    # Migration: what muser carries for the device
-
-    def carried_state(self) -> list[tuple[int, bytes]]:
-        """The records muser migrates for the device at stop-copy besides mappable
-        BAR memory (which it streams): config space, interrupt state, the MSI-X table."""
-        records = [
-            (TAG_CONFIG, self.config.read(0, self.config.size)),
-            (TAG_INTERRUPTS, self.irqs.save()),
-        ]
-        if self.irqs.msix_table is not None:
-            records.append((TAG_MSIX_TABLE, bytes(self.irqs.msix_table.entries)))
-        return records
-
-    def restore_carried_state(
-        self, records: Sequence[tuple[int, Sequence[bytes | memoryview]]]
-    ) -> None:
-        """Apply what the source carried, each record's payload in the pieces it
-        came in, all or nothing: a record that doesn't fit this device is EINVAL
-        before any is applied."""
-        for tag, pieces in records:
-            if not self._carried_record_fits(tag, sum(map(len, pieces))):
-                raise VfioUserError(errno.EINVAL, f"migration record {tag:#x} does not fit")
-        for tag, pieces in records:
-            if TAG_SHARED_BAR <= tag < TAG_SHARED_BAR + NUM_BARS:
-                shared, offset = self.shared[tag - TAG_SHARED_BAR], 0
-                for piece in pieces:  # megabytes: put in place as they came
-                    shared.write(offset, piece)
-                    offset += len(piece)
-                continue
-            payload = b"".join(pieces)
-            if tag == TAG_CONFIG:
-                self.config.set_register(0, self.config.size, int.from_bytes(payload, "little"))
-            elif tag == TAG_INTERRUPTS:
-                self.irqs.restore(payload)
-            elif tag == TAG_MSIX_TABLE and self.irqs.msix_table is not None:
-                self.irqs.msix_table.restore(payload)
-
-    def _carried_record_fits(self, tag: int, length: int) -> bool:
-        if tag == TAG_CONFIG:
-            return length == self.config.size
-        if tag == TAG_INTERRUPTS:
-            return length == self.irqs.state_size
-        if tag == TAG_MSIX_TABLE:
-            table = self.irqs.msix_table
-            return table is not None and length == len(table.entries)
-        index = tag - TAG_SHARED_BAR
-        shared = self.shared.get(index) if 0 <= index < NUM_BARS else None
-        return shared is not None and length == shared.size
 
     def handle_reset(self, reason: ResetReason) -> Awaitable[None] | None:
         """What muser does on a reset: DEVICE_RESET and FLR put config space, the MSI-X

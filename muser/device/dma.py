@@ -45,11 +45,10 @@ import structlog
 
 from muser.errors import VfioUserError
 from muser.wire import close_fds
-from muser.wire.constants import DmaMapFlag
+from muser.wire.constants import PAGE_SIZE, DmaMapFlag
 
 _log = structlog.get_logger("muser")
 
-PAGE_SIZE = 4096
 MAX_WINDOW_SIZE = 1 << 43
 """Larger windows are refused with ENOSPC, as libvfio-user does (8 TiB)."""
 DEFAULT_MAX_WINDOWS = 65535

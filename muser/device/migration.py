@@ -19,19 +19,40 @@ from __future__ import annotations
 import errno
 import inspect
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import construct as cs
 
+from muser.device.dma import DmaSpace
+from muser.device.irq import Interrupts
+from muser.device.shared import SharedBar
 from muser.errors import VfioUserError
-from muser.wire.constants import MigrationFlag, MigrationState
+from muser.pci.config import ConfigSpace
+from muser.wire.constants import NUM_BARS, MigrationFlag, MigrationState
 from muser.wire.layout import Layout, layout, wire
 
-if TYPE_CHECKING:
-    from muser.device.device import PciDevice
+
+class Migratable(Protocol):
+    """What migration needs of a device; `PciDevice` is one."""
+
+    config: ConfigSpace
+    irqs: Interrupts
+    dma: DmaSpace
+    shared: dict[int, SharedBar]
+
+    def migration_transition(
+        self, old: MigrationState, new: MigrationState
+    ) -> Awaitable[None] | None: ...
+
+    def save_state(
+        self, phase: MigrationState
+    ) -> bytes | AsyncIterable[bytes] | Awaitable[bytes]: ...
+
+    def load_state(self, chunks: AsyncIterator[bytes]) -> Awaitable[None] | None: ...
+
 
 S = MigrationState
 
@@ -213,11 +234,61 @@ def record(tag: int, payload: bytes) -> Iterator[bytes]:
     yield bytes(payload)  # a copy only if it is not bytes already: held until read
 
 
-def _shared_bar_records(device: PciDevice) -> Iterator[bytes]:
+def _shared_bar_records(device: Migratable) -> Iterator[bytes]:
     for index, shared in device.shared.items():
         yield RecordHeader(TAG_SHARED_BAR + index, shared.size).build()
         for offset in range(0, shared.size, BAR_PIECE):
             yield shared.read(offset, min(BAR_PIECE, shared.size - offset))
+
+
+def carried_state(device: Migratable) -> list[tuple[int, bytes]]:
+    """The records muser migrates for a device at stop-copy besides mappable BAR
+    memory (which it streams): config space, interrupt state, the MSI-X table."""
+    records = [
+        (TAG_CONFIG, device.config.read(0, device.config.size)),
+        (TAG_INTERRUPTS, device.irqs.save()),
+    ]
+    if device.irqs.msix_table is not None:
+        records.append((TAG_MSIX_TABLE, bytes(device.irqs.msix_table.entries)))
+    return records
+
+
+def restore_carried_state(
+    device: Migratable, records: Sequence[tuple[int, Sequence[bytes | memoryview]]]
+) -> None:
+    """Apply what the source carried, each record's payload in the pieces it came
+    in, all or nothing: a record that doesn't fit this device is EINVAL before any
+    is applied."""
+    for tag, pieces in records:
+        if not _record_fits(device, tag, sum(map(len, pieces))):
+            raise VfioUserError(errno.EINVAL, f"migration record {tag:#x} does not fit")
+    for tag, pieces in records:
+        if TAG_SHARED_BAR <= tag < TAG_SHARED_BAR + NUM_BARS:
+            shared, offset = device.shared[tag - TAG_SHARED_BAR], 0
+            for piece in pieces:  # megabytes: put in place as they came
+                shared.write(offset, piece)
+                offset += len(piece)
+            continue
+        payload = b"".join(pieces)
+        if tag == TAG_CONFIG:
+            device.config.set_register(0, device.config.size, int.from_bytes(payload, "little"))
+        elif tag == TAG_INTERRUPTS:
+            device.irqs.restore(payload)
+        elif tag == TAG_MSIX_TABLE and device.irqs.msix_table is not None:
+            device.irqs.msix_table.restore(payload)
+
+
+def _record_fits(device: Migratable, tag: int, length: int) -> bool:
+    if tag == TAG_CONFIG:
+        return length == device.config.size
+    if tag == TAG_INTERRUPTS:
+        return length == device.irqs.state_size
+    if tag == TAG_MSIX_TABLE:
+        table = device.irqs.msix_table
+        return table is not None and length == len(table.entries)
+    index = tag - TAG_SHARED_BAR
+    shared = device.shared.get(index) if 0 <= index < NUM_BARS else None
+    return shared is not None and length == shared.size
 
 
 async def _chunks(
@@ -345,7 +416,7 @@ class RawResumingSession:
 class MigrationController:
     """A device's migration state, its sessions, and the hops between states."""
 
-    def __init__(self, device: PciDevice, support: Migration) -> None:
+    def __init__(self, device: Migratable, support: Migration) -> None:
         self._device = device
         self.support = support
         self.flags = support.flags
@@ -419,7 +490,7 @@ class MigrationController:
 
     async def _stop_copy_stream(self) -> AsyncIterator[bytes]:
         if self._carried:
-            for tag, payload in self._device.carried_state():
+            for tag, payload in carried_state(self._device):
                 for piece in record(tag, payload):
                     yield piece
             for piece in _shared_bar_records(self._device):
@@ -462,7 +533,7 @@ class MigrationController:
         size = RecordHeader.SIZE  # the end record
         if self._carried:
             device = self._device
-            records = [len(payload) for _tag, payload in device.carried_state()]
+            records = [len(payload) for _tag, payload in carried_state(device)]
             records += [shared.size for shared in device.shared.values()]
             size += sum(records) + len(records) * RecordHeader.SIZE
         return size
@@ -478,8 +549,8 @@ class MigrationController:
         if not session.complete:
             raise VfioUserError(errno.EINVAL, "the migration stream is incomplete")
         device_chunks = [b"".join(pieces) for tag, pieces in session.records if tag == TAG_DEVICE]
-        self._device.restore_carried_state(
-            [(tag, pieces) for tag, pieces in session.records if tag != TAG_DEVICE]
+        restore_carried_state(
+            self._device, [(tag, pieces) for tag, pieces in session.records if tag != TAG_DEVICE]
         )
         done = self._device.load_state(_iterate(device_chunks))
         if done is not None:

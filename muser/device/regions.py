@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from muser.wire.constants import PAGE_SIZE
+
 ReadHandler = Callable[[int, int], bytes | Awaitable[bytes]]
 """`read(offset, count)` returns exactly `count` bytes; may be `async def`."""
 WriteHandler = Callable[[int, bytes], Awaitable[None] | None]
@@ -17,7 +19,6 @@ DoorbellHandler = Callable[[int | None, int], Awaitable[None] | None]
 `value` written; None when an ioeventfd without datamatch rang, which does not say.
 May be `async def`."""
 
-PAGE_SIZE = 4096
 MIN_MEMORY_BAR = 16
 MIN_IO_BAR = 4
 MAX_IO_BAR = 256

@@ -135,6 +135,10 @@ class PciRegion(IntEnum):
 
 
 PCI_NUM_REGIONS = 9
+NUM_BARS = 6
+"""BAR0 to BAR5: the regions a PCI BAR can be."""
+PAGE_SIZE = 4096
+"""The page size of DMA windows, mmap areas and `pgsizes`."""
 
 
 class IrqIndex(IntEnum):
