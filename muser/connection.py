@@ -60,6 +60,7 @@ from muser.wire.messages import (
     ACCESS_MESSAGE,
     DMA_ACCESS_CODEC,
     DMA_DATA_QEMU_PREFIX,
+    DMA_WRITE_REPLY_CODECS,
     HEADER_CODEC,
     MIG_DATA_PREFIX,
     DeviceFeature,
@@ -1056,11 +1057,8 @@ def _write_answered(payload: bytes, address: int, count: int, *, qemu: bool) -> 
     libvfio-user's."""
     if qemu:
         return not payload
-    return (
-        len(payload) in (12, 16)
-        and int.from_bytes(payload[:8], "little") == address
-        and int.from_bytes(payload[8:], "little") == count
-    )
+    codec = DMA_WRITE_REPLY_CODECS.get(len(payload))
+    return codec is not None and codec.unpack(payload) == (address, count)
 
 
 class DmaMessenger:

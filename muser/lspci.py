@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from muser.client import Client
-from muser.pci.capabilities import CapId, ExtCapId
+from muser.pci.capabilities import CapId, ExtCapId, MsiX
 from muser.pci.config import FIRST_EXTENDED_CAPABILITY, HEADER_SIZE, Reg, Status
 from muser.wire import close_fds
 from muser.wire.constants import PciRegion
@@ -118,11 +118,13 @@ def _describe_capability(config: bytes, offset: int, cap_id: int) -> str:
             f"Maskable{'+' if control & 0x100 else '-'} 64bit{'+' if control & 0x80 else '-'}"
         )
     if cap_id == CapId.MSIX:
-        table, pba = _u32(config, offset + 4), _u32(config, offset + 8)
+        table, pba = _u32(config, offset + MsiX.TABLE), _u32(config, offset + MsiX.PBA)
         return (
-            f"MSI-X: Enable{'+' if control & 0x8000 else '-'} Count={(control & 0x7FF) + 1}"
-            f" Masked{'+' if control & 0x4000 else '-'} Table: BAR={table & 7} "
-            f"offset={table & ~7:#x} PBA: BAR={pba & 7} offset={pba & ~7:#x}"
+            f"MSI-X: Enable{'+' if control & MsiX.ENABLE else '-'} "
+            f"Count={(control & MsiX.TABLE_SIZE_MASK) + 1} "
+            f"Masked{'+' if control & MsiX.FUNCTION_MASK else '-'} "
+            f"Table: BAR={table & MsiX.BIR_MASK} offset={table & ~MsiX.BIR_MASK:#x} "
+            f"PBA: BAR={pba & MsiX.BIR_MASK} offset={pba & ~MsiX.BIR_MASK:#x}"
         )
     if cap_id == CapId.PCI_EXPRESS:
         kind = PCI_EXPRESS_TYPES.get(control >> 4 & 0xF, f"type {control >> 4 & 0xF}")

@@ -17,6 +17,9 @@ import errno
 import os
 from collections.abc import Callable, Sequence
 from enum import Enum
+from typing import Any
+
+import construct as cs
 
 from muser.errors import VfioUserError
 from muser.pci.capabilities import Msi, MsiX
@@ -322,10 +325,9 @@ class IntxIrq(Irq):
 class MsixTable:
     """The MSI-X table and Pending Bit Array, emulated in the BAR(s) that hold them."""
 
-    ENTRY_MASK = bytes([0xFC, 0xFF, 0xFF, 0xFF] + [0xFF] * 8 + [0x01, 0, 0, 0])
+    ENTRY_MASK = bytes([0xFC, 0xFF, 0xFF, 0xFF] + [0xFF] * 8 + [MsiX.VECTOR_MASKED, 0, 0, 0])
     """Writable bits of an entry: address (bits 1:0 reserved), upper address, data,
     and the Mask bit of Vector Control."""
-    VECTOR_CONTROL = 12
 
     def __init__(self, capability: MsiX, changed: Callable[[], None]) -> None:
         self.capability = capability
@@ -341,7 +343,7 @@ class MsixTable:
     def reset(self) -> None:
         self.entries[:] = bytes(len(self.entries))
         for vector in range(self.capability.table_size):
-            self.entries[vector * 16 + self.VECTOR_CONTROL] = 0x01
+            self.entries[vector * MsiX.ENTRY_SIZE + MsiX.VECTOR_CONTROL] = MsiX.VECTOR_MASKED
         self.in_use = False
         self._changed()
 
@@ -351,7 +353,8 @@ class MsixTable:
         self._changed()
 
     def vector_masked(self, vector: int) -> bool:
-        return self.in_use and bool(self.entries[vector * 16 + self.VECTOR_CONTROL] & 0x01)
+        control = self.entries[vector * MsiX.ENTRY_SIZE + MsiX.VECTOR_CONTROL]
+        return self.in_use and bool(control & MsiX.VECTOR_MASKED)
 
     def read(self, offset: int, count: int) -> bytes:
         return bytes(self.entries[offset : offset + count])
@@ -360,13 +363,15 @@ class MsixTable:
         """Apply a write; return the vectors whose Mask bit it cleared."""
         self.in_use = True
         unmasked = []
+        masked = MsiX.VECTOR_MASKED
         for position, value in enumerate(data, offset):
-            writable = self.ENTRY_MASK[position % 16]
+            vector, within = divmod(position, MsiX.ENTRY_SIZE)
+            writable = self.ENTRY_MASK[within]
             old = self.entries[position]
             new = (old & ~writable) | (value & writable)
             self.entries[position] = new
-            if position % 16 == self.VECTOR_CONTROL and old & 1 and not new & 1:
-                unmasked.append(position // 16)
+            if within == MsiX.VECTOR_CONTROL and old & masked and not new & masked:
+                unmasked.append(vector)
         self._changed()
         return unmasked
 
@@ -399,6 +404,19 @@ class Interrupts:
         self.err = Irq(self, IrqIndex.ERR, 1 if err else 0, fixed)
         self.req = Irq(self, IrqIndex.REQ, 1 if req else 0, fixed)
         self._by_index = (self.intx, self.msi, self.msix, self.err, self.req)
+        self._with_vectors = [irq for irq in self._by_index if irq.count]
+        fields: list[cs.Construct[Any, Any]] = [
+            "intx_level" / cs.Flag,
+            *(
+                irq.index.name / cs.BytesInteger(-(-irq.count // 8), swapped=True)
+                for irq in self._with_vectors
+            ),
+        ]
+        self._state = cs.Struct(*fields, cs.Terminated)
+        """What `save` writes for this device: the INTx line, then each index's pending
+        bits, one per vector from the lowest bit, in whole bytes."""
+        self.state_size = int(cs.Struct(*fields).sizeof())
+        """The length of what `save` returns for this device."""
         self.msix_table = MsixTable(msix, self.msix.forget_open) if msix else None
         config.on_change(self._forget_open)
         self._msi_control_at = self._msix_control_at = 0
@@ -511,28 +529,21 @@ class Interrupts:
     def save(self) -> bytes:
         """The interrupt state a migrated device carries: the INTx line and every
         pending bit (eventfds and SET_IRQS masks belong to the client)."""
-        bits = [sum(irq.is_pending(v) << v for v in range(irq.count)) for irq in self._by_index]
-        return bytes([self.intx.level]) + b"".join(
-            value.to_bytes((irq.count + 7) // 8, "little")
-            for value, irq in zip(bits, self._by_index, strict=True)
-        )
-
-    @property
-    def state_size(self) -> int:
-        """The length of what `save` returns for this device."""
-        return 1 + sum((irq.count + 7) // 8 for irq in self._by_index)
+        state: dict[str, object] = {"intx_level": self.intx.level}
+        for irq in self._with_vectors:
+            state[irq.index.name] = sum(irq.is_pending(v) << v for v in range(irq.count))
+        return bytes(self._state.build(state))
 
     def restore(self, state: bytes) -> None:
-        sizes = [(irq.count + 7) // 8 for irq in self._by_index]
-        if len(state) != self.state_size:
-            raise VfioUserError(errno.EINVAL, "interrupt state of another device")
-        self.intx.level = bool(state[0])
-        position = 1
-        for irq, size in zip(self._by_index, sizes, strict=True):
-            value = int.from_bytes(state[position : position + size], "little")
-            position += size
+        try:
+            parsed = self._state.parse(state)
+        except cs.ConstructError:
+            raise VfioUserError(errno.EINVAL, "interrupt state of another device") from None
+        self.intx.level = parsed.intx_level
+        for irq in self._with_vectors:
+            bits = parsed[irq.index.name]
             for vector in range(irq.count):
-                irq.set_pending(vector, bool(value >> vector & 1))
+                irq.set_pending(vector, bool(bits >> vector & 1))
         self.intx_status_changed()
 
     # Lifecycle

@@ -276,7 +276,15 @@ class MsiX(Capability):
     PBA: ClassVar[int] = 8
     FUNCTION_MASK: ClassVar[int] = 0x4000
     ENABLE: ClassVar[int] = 0x8000
+    TABLE_SIZE_MASK: ClassVar[int] = 0x7FF
+    """Message Control's Table Size field (the number of vectors less one)."""
+    BIR_MASK: ClassVar[int] = 0x7
+    """The BAR indicator in the Table and PBA registers; the offset is the rest."""
     ENTRY_SIZE: ClassVar[int] = 16
+    VECTOR_CONTROL: ClassVar[int] = 12
+    """An entry's Vector Control dword, after the address and data."""
+    VECTOR_MASKED: ClassVar[int] = 0x1
+    """Vector Control's Mask bit."""
 
     table_size: int
     table_bar: int

@@ -115,11 +115,18 @@ def joined_codec(*layouts: type[Layout]) -> struct.Struct:
 
 
 def prefix_codec(layout: type[Layout]) -> struct.Struct:
-    """The fixed fields ahead of a layout's tail, for a hot path that unpacks them
-    in one call and takes the tail (bulk data) as a slice of its own."""
-    if layout.CODEC is None or not layout.HAS_TAIL:
-        raise TypeError(f"{layout.__name__} is not fixed-size fields and a tail")
-    return layout.CODEC
+    """The fixed fields ahead of a layout's variable part (a bytes tail, an array),
+    for code that unpacks them in one call: a hot path taking its tail (bulk data) as
+    a slice of its own, or a reader that must learn a count before the rest."""
+    if layout.CODEC is not None and not layout.HAS_TAIL:
+        raise TypeError(f"{layout.__name__} has no variable part")
+    formats = []
+    for renamed in layout.STRUCT.subcons[:-1]:  # each field, then Terminated
+        fmt = _fast_format(cast(Any, renamed).subcon)
+        if fmt is None:
+            break
+        formats.append(fmt)
+    return struct.Struct("<" + "".join(formats))
 
 
 def _fast_format(subcon: Any) -> str | None:

@@ -8,6 +8,7 @@ builds back to the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -249,6 +250,15 @@ class DmaAccess(Layout):
 
 
 @layout
+class DmaWriteReply(Layout):
+    """A DMA_WRITE reply as the spec's text lays it out, with a u32 count
+    (libvfio-user answers with `DmaAccess`, QEMU with no payload at all)."""
+
+    address: int = wire(_u64)
+    count: int = wire(_u32)
+
+
+@layout
 class DmaData(Layout):
     """DMA_READ reply and DMA_WRITE request, as the spec and libvfio-user lay them out."""
 
@@ -270,6 +280,10 @@ class DmaDataQemu(Layout):
 QEMU_DMA_PADDING = bytes(4)
 """What follows the data of a `DmaDataQemu` we send."""
 DMA_ACCESS_CODEC = joined_codec(DmaAccess)
+DMA_WRITE_REPLY_CODECS = {
+    codec.size: codec for codec in (joined_codec(DmaWriteReply), DMA_ACCESS_CODEC)
+}
+"""The spec's and libvfio-user's DMA_WRITE replies, told apart by their size."""
 """DmaAccess, and the fixed start of DmaData, in one struct call."""
 DMA_DATA_QEMU_PREFIX = prefix_codec(DmaDataQemu)
 """DmaDataQemu's address and u32 count, ahead of its data."""
@@ -431,13 +445,13 @@ _REGION_CAP_LAYOUTS: dict[int, type[SparseMmapCap | TypeCap | CapHeader]] = {
 
 
 def _cap_length(payload: bytes, start: int) -> int:
-    head = CapHeader.parse(payload[start : start + 8])
+    head = CapHeader.parse(payload[start : start + CapHeader.SIZE])
     if head.id == RegionCapId.SPARSE_MMAP:
-        nr_areas = int.from_bytes(payload[start + 8 : start + 12], "little")
-        return 16 + 16 * nr_areas
+        _id, _version, _next, nr_areas, _reserved = SPARSE_MMAP_PREFIX.unpack_from(payload, start)
+        return SparseMmapCap.SIZE + int(nr_areas) * SparseMmapArea.SIZE
     if head.id == RegionCapId.TYPE:
-        return 16
-    return 8
+        return TypeCap.SIZE
+    return CapHeader.SIZE
 
 
 def region_caps(info: RegionInfo) -> list[RegionCap]:
@@ -464,13 +478,12 @@ def region_caps(info: RegionInfo) -> list[RegionCap]:
 
 def region_caps_bytes(caps: list[RegionCap]) -> bytes:
     """Lay out a capability chain to follow a 32-byte RegionInfo, linking `next` offsets."""
-    blobs = [cap.build() for cap in caps]
     out = bytearray()
     position = RegionInfo.SIZE
-    for index, blob in enumerate(blobs):
-        position += len(blob)
-        following = position if index + 1 < len(blobs) else 0
-        out += blob[:4] + following.to_bytes(4, "little") + blob[8:]
+    for index, cap in enumerate(caps):
+        position += len(cap.build())
+        following = position if index + 1 < len(caps) else 0
+        out += dataclasses.replace(cap, next=following).build()
     return bytes(out)
 
 
@@ -482,6 +495,9 @@ def _write_one_codec() -> struct.Struct:
 
 
 _WRITE_ONE = _write_one_codec()
+_WRITE_COUNT = joined_codec(WriteMultiReply)
+SPARSE_MMAP_PREFIX = prefix_codec(SparseMmapCap)
+"""The fixed fields of a sparse-mmap capability, its area count among them."""
 
 
 def parse_write_multi(payload: bytes) -> list[WriteOne]:
@@ -490,7 +506,7 @@ def parse_write_multi(payload: bytes) -> list[WriteOne]:
     head = WriteMultiReply.SIZE
     if len(payload) < head:
         raise ProtocolError("REGION_WRITE_MULTI is shorter than its count")
-    count = int.from_bytes(payload[:head], "little")
+    (count,) = _WRITE_COUNT.unpack_from(payload)
     if len(payload) != head + count * _WRITE_ONE.size:
         raise ProtocolError(f"REGION_WRITE_MULTI of {len(payload)} bytes for {count} writes")
     return [WriteOne(*values) for values in _WRITE_ONE.iter_unpack(payload[head:])]
@@ -498,7 +514,7 @@ def parse_write_multi(payload: bytes) -> list[WriteOne]:
 
 def build_write_multi(writes: Sequence[WriteOne]) -> bytes:
     """The payload `WriteMulti(len(writes), writes).build()` gives, built faster."""
-    return len(writes).to_bytes(WriteMultiReply.SIZE, "little") + b"".join(
+    return _WRITE_COUNT.pack(len(writes)) + b"".join(
         _WRITE_ONE.pack(*write.VALUES(write)) for write in writes
     )
 
