@@ -338,7 +338,7 @@ def carried_device(size: int) -> muser.PciDevice:
     return muser.PciDevice(
         vendor_id=0x1234,
         device_id=0x11E8,
-        bars={0: muser.Bar(size, is_64bit=True, shared=SharedMemory())},
+        bars={0: muser.Bar(size, kind=muser.BarKind.MEMORY_64, shared=SharedMemory())},
         migration=muser.Migration(),
     )
 

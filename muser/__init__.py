@@ -6,7 +6,7 @@ speaks the protocol from the other side, for tests and tools.
 """
 
 from muser.client import Client, MigrationReport, migrate
-from muser.device import Bar, ConfigRegisters, PciDevice, ResetReason
+from muser.device import Bar, BarKind, ConfigRegisters, PciDevice, ResetReason
 from muser.device.dma import DmaDeadlockError, DmaLayout
 from muser.device.irq import Delivery
 from muser.device.migration import Migration, MigrationStream
@@ -35,6 +35,7 @@ from muser.wire.constants import (
 
 __all__ = [
     "Bar",
+    "BarKind",
     "Client",
     "ConfigRegisters",
     "ConnectionClosedError",

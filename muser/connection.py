@@ -798,7 +798,7 @@ class ServerConnection(Endpoint):
             raise ProtocolError(f"region {request.index} does not exist")
         doorbells = self.device.doorbells.by_region.get(request.index, [])
         bar = self.device.bars[request.index] if doorbells else None
-        pio = IoEventFdFlag.PIO if bar is not None and bar.io else 0
+        pio = IoEventFdFlag.PIO if bar is not None and bar.kind.is_io else 0
         entries = b"".join(
             IoEventFdEntry(
                 doorbell.offset,

@@ -49,7 +49,7 @@ class Gpio(muser.PciDevice):
             subsystem_id=DEVICE_ID,
             class_code=CLASS_DATA_ACQUISITION,
             intx=True,
-            bars={2: muser.Bar(0x100, io=True, read=self.read, write=self.write)},
+            bars={2: muser.Bar(0x100, kind=muser.BarKind.IO, read=self.read, write=self.write)},
             name="gpio",
         )
 

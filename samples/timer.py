@@ -57,10 +57,10 @@ class Timer(muser.PciDevice):
             subsystem_id=0xBABE,
             intx=True,
             bars={
-                0: muser.Bar(8, io=True, read=self.read_bar0, write=self.write_bar0),
+                0: muser.Bar(8, kind=muser.BarKind.IO, read=self.read_bar0, write=self.write_bar0),
                 1: muser.Bar(
                     BAR1_SIZE,
-                    io=True,
+                    kind=muser.BarKind.IO,
                     nonstandard=True,
                     read=self.read_bar1,
                     write=self.write_bar1,

@@ -10,7 +10,7 @@ import os
 import socket
 from collections.abc import Sequence
 
-from muser import Bar, PciDevice, ResetReason, VfioUserError
+from muser import Bar, BarKind, PciDevice, ResetReason, VfioUserError
 from muser.wire import build_capabilities, encode_header
 from muser.wire.constants import HEADER_SIZE, Command
 from muser.wire.messages import Header, Version
@@ -62,8 +62,8 @@ class RecordingDevice(PciDevice):
             bars={
                 0: Bar(4096, read=self.read_memory, write=self.write_memory),
                 1: Bar(16, read=self.refuse, write=self.crash_async),
-                2: Bar(256, io=True, read=self.read_io, write=self.write_io),
-                4: Bar(0x4000, is_64bit=True, prefetchable=True, read=self.crash),
+                2: Bar(256, kind=BarKind.IO, read=self.read_io, write=self.write_io),
+                4: Bar(0x4000, kind=BarKind.PREFETCHABLE_64, read=self.crash),
             },
         )
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import errno
-import functools
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from enum import Enum
 from types import MappingProxyType
-from typing import TypeVar
 
+from muser.device.access import await_in_order, joined, split_access
+from muser.device.bars import BarRouter
 from muser.device.dma import DmaLayout, DmaSpace
 from muser.device.irq import Interrupts
 from muser.device.migration import Migration, MigrationController
 from muser.device.regions import Bar, ConfigRegisters
 from muser.device.shared import DoorbellFds, SharedBar
-from muser.errors import VfioUserError
 from muser.pci.capabilities import Capability, ExtendedCapability, Msi, MsiX
 from muser.pci.config import HEADER_SIZE, ConfigSpace, Reg, rom_size_for
 from muser.wire.constants import (
@@ -42,46 +40,6 @@ class ResetReason(Enum):
     at power-on."""
     LOST_CONNECTION = "lost connection"
     """The client went away; device state is kept for the next client."""
-
-
-_Claim = TypeVar("_Claim")
-
-
-def split_access(
-    offset: int, count: int, claims: Sequence[tuple[range, _Claim]]
-) -> list[tuple[int, int, _Claim | None]]:
-    """Split an access at the edges of claimed ranges (sorted, disjoint): each piece
-    is (start, stop, the claim or None)."""
-    end = offset + count
-    pieces: list[tuple[int, int, _Claim | None]] = []
-    position = offset
-    for span, claim in claims:
-        if span.stop <= position or span.start >= end:
-            continue
-        if span.start > position:
-            pieces.append((position, span.start, None))
-        stop = min(end, span.stop)
-        pieces.append((max(position, span.start), stop, claim))
-        position = stop
-    if position < end:
-        pieces.append((position, end, None))
-    return pieces
-
-
-async def _await_in_order(pending: list[Awaitable[None]]) -> None:
-    for awaitable in pending:
-        await awaitable
-
-
-async def _join_when_read(pieces: list[bytes | Awaitable[bytes]]) -> bytes:
-    return b"".join([piece if isinstance(piece, bytes) else await piece for piece in pieces])
-
-
-def _joined(pieces: list[bytes | Awaitable[bytes]]) -> bytes | Awaitable[bytes]:
-    """The pieces of a split read, joined now if none has to be awaited."""
-    if all(isinstance(piece, bytes) for piece in pieces):
-        return b"".join(pieces)  # type: ignore[arg-type]
-    return _join_when_read(pieces)
 
 
 def _check_identity(**fields: tuple[int, int]) -> None:
@@ -183,7 +141,7 @@ class PciDevice:
         self.doorbells = DoorbellFds(dict(self.bars))
         self.migration = MigrationController(self, migration) if migration else None
         """The migration state machine, for a device that declared `migration`."""
-        self._emulated_bar_ranges = self._bar_ranges(msix)
+        self._bars = BarRouter(self.bars, self.shared, self.irqs, msix)
         self.watch_config(Reg.COMMAND, 2, self.irqs.command_changed)
         if msi is not None:
             base = self.config.offset_of(msi)
@@ -204,7 +162,7 @@ class PciDevice:
         for index, bar in self.bars.items():
             if not 0 <= index < NUM_BARS:
                 raise ValueError(f"BAR index {index} is not 0…5")
-            if bar.is_64bit and (index == NUM_BARS - 1 or index + 1 in self.bars):
+            if bar.kind.is_64bit and (index == NUM_BARS - 1 or index + 1 in self.bars):
                 raise ValueError(f"64-bit BAR{index} needs BAR{index + 1} free for its upper half")
 
     def _check_claims(self) -> None:
@@ -223,7 +181,7 @@ class PciDevice:
             ("PBA", msix.pba_bar, msix.pba_offset, msix.pba_bytes),
         ):
             bar = self.bars.get(index)
-            if bar is None or bar.io:
+            if bar is None or bar.kind.is_io:
                 raise ValueError(f"the MSI-X {name} needs memory BAR{index}")
             if offset + size > bar.size:
                 raise ValueError(f"the MSI-X {name} runs past the end of BAR{index}")
@@ -235,34 +193,6 @@ class PciDevice:
             and table.start < (msix.pba_offset + msix.pba_bytes)
         ):
             raise ValueError("the MSI-X table and PBA overlap")
-
-    def _bar_ranges(self, msix: MsiX | None) -> dict[int, list[tuple[range, str]]]:
-        """Per BAR, the ranges muser serves itself: the MSI-X table and PBA, and memory
-        a client may map; and the checks that they stay apart from each other and
-        from doorbells."""
-        ranges: dict[int, list[tuple[range, str]]] = {}
-        if msix is not None:
-            ranges.setdefault(msix.table_bar, []).append(
-                (range(msix.table_offset, msix.table_offset + msix.table_bytes), "table")
-            )
-            ranges.setdefault(msix.pba_bar, []).append(
-                (range(msix.pba_offset, msix.pba_offset + msix.pba_bytes), "pba")
-            )
-        for index, bar in self.bars.items():
-            areas = [range(offset, offset + size) for offset, size in bar.mmap_areas]
-            for span, what in ranges.get(index, []):
-                if any(span.start < area.stop and area.start < span.stop for area in areas):
-                    raise ValueError(f"the MSI-X {what} must stay out of BAR{index}'s mmap areas")
-            for doorbell in bar.doorbells:
-                if any(area.start <= doorbell.offset < area.stop for area in areas):
-                    raise ValueError(
-                        f"doorbell at {doorbell.offset:#x} lies in an mmap area, "
-                        "where writes are not seen"
-                    )
-            ranges.setdefault(index, []).extend((area, "shared") for area in areas)
-        for spans in ranges.values():
-            spans.sort(key=lambda item: item[0].start)
-        return {index: spans for index, spans in ranges.items() if spans}
 
     def close(self) -> None:
         """Release what muser made for the device: the memory behind mappable BARs and
@@ -361,7 +291,7 @@ class PciDevice:
         if bar is None:
             return RegionFlag(0), 0
         flags = RegionFlag(0)
-        emulated = index in self._emulated_bar_ranges
+        emulated = self._bars.emulates(index)
         if bar.read is not None or emulated:
             flags |= RegionFlag.READ
         if bar.write is not None or emulated:
@@ -384,81 +314,13 @@ class PciDevice:
         rom = self.rom
         if index == PciRegion.ROM and rom:
             return lambda offset, count: rom[offset : offset + count]
-        emulated = self._emulated_bar_ranges.get(index)
-        if emulated:
-            return functools.partial(self._read_emulated_bar, index, emulated=emulated)
-        bar = self.bars.get(index)
-        if bar is not None and bar.read is not None:
-            return bar.read
-        return functools.partial(self._read_bar, index)
-
-    def _read_bar(self, index: int, offset: int, count: int) -> bytes | Awaitable[bytes]:
-        bar = self.bars.get(index)
-        if bar is None or bar.read is None:
-            raise VfioUserError(errno.EINVAL, f"region {index} is not readable there")
-        return bar.read(offset, count)
-
-    def _read_emulated_bar(
-        self, index: int, offset: int, count: int, *, emulated: list[tuple[range, str]]
-    ) -> bytes | Awaitable[bytes]:
-        table = self.irqs.msix_table
-        pieces: list[bytes | Awaitable[bytes]] = []
-        for start, stop, what in split_access(offset, count, emulated):
-            if what == "shared":
-                pieces.append(self.shared[index].read(start, stop - start))
-            elif what == "table":
-                assert table is not None
-                base = table.capability.table_offset
-                pieces.append(table.read(start - base, stop - start))
-            elif what == "pba":
-                assert table is not None
-                base = table.capability.pba_offset
-                pieces.append(self.irqs.pba()[start - base : stop - base])
-            else:
-                pieces.append(self._read_bar(index, start, stop - start))
-        return _joined(pieces)
+        return self._bars.reader(index)
 
     def write_region(self, index: int, offset: int, data: bytes) -> Awaitable[None] | None:
         """A client write, already checked against the region's bounds."""
         if index == PciRegion.CONFIG:
             return self.write_config(offset, data)
-        bar = self.bars.get(index)
-        if bar is not None:
-            for doorbell in bar.doorbells:
-                if doorbell.matches(offset, data):
-                    return doorbell.handler(int.from_bytes(data, "little"), 1)
-        emulated = self._emulated_bar_ranges.get(index)
-        if emulated:
-            return self._write_emulated_bar(index, offset, data, emulated)
-        return self._write_bar(index, offset, data)
-
-    def _write_bar(self, index: int, offset: int, data: bytes) -> Awaitable[None] | None:
-        bar = self.bars.get(index)
-        if bar is None or bar.write is None:
-            raise VfioUserError(errno.EINVAL, f"region {index} is not writable there")
-        return bar.write(offset, data)
-
-    def _write_emulated_bar(
-        self, index: int, offset: int, data: bytes, emulated: list[tuple[range, str]]
-    ) -> Awaitable[None] | None:
-        """Shared memory takes the bytes, MSI-X table writes are emulated (unmasking
-        releases pending vectors), PBA writes are ignored as the spec says, the rest
-        goes to the BAR's handler."""
-        table = self.irqs.msix_table
-        pending: list[Awaitable[None]] = []
-        for start, stop, what in split_access(offset, len(data), emulated):
-            piece = data[start - offset : stop - offset]
-            if what == "shared":
-                self.shared[index].write(start, piece)
-            elif what == "table":
-                assert table is not None
-                unmasked = table.write(start - table.capability.table_offset, piece)
-                self.irqs.msix_table_unmasked(unmasked)
-            elif what is None:
-                done = self._write_bar(index, start, piece)
-                if done is not None:
-                    pending.append(done)
-        return _await_in_order(pending) if pending else None
+        return self._bars.write(index, offset, data)
 
     def read_config(self, offset: int, count: int) -> bytes | Awaitable[bytes]:
         """A guest read of config space, from the emulated bytes or the device's own
@@ -472,7 +334,7 @@ class PciDevice:
                 pieces.append(self.config.read(start, stop - start))
             else:
                 pieces.append(claim.read(start - claim.offset, stop - start))
-        return _joined(pieces)
+        return joined(pieces)
 
     def write_config(self, offset: int, data: bytes) -> Awaitable[None] | None:
         """A guest write of config space: emulated registers take it by their access
@@ -505,4 +367,4 @@ class PciDevice:
             done = self.handle_reset(ResetReason.FLR)
             if done is not None:
                 pending.append(done)
-        return _await_in_order(pending) if pending else None
+        return await_in_order(pending) if pending else None

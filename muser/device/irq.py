@@ -23,7 +23,7 @@ import construct as cs
 
 from muser.errors import VfioUserError
 from muser.pci.capabilities import Msi, MsiX
-from muser.pci.config import Command, ConfigSpace, Reg, Status
+from muser.pci.config import CommandRegister, ConfigSpace, Reg, Status
 from muser.wire import close_fds
 from muser.wire.constants import (
     IRQ_SET_ACTION_MASK,
@@ -69,7 +69,7 @@ class Delivery(Enum):
 _OPEN, _HOLD, _CLOSED = 0, 1, 2
 """What a gate says of a vector now: deliver, hold pending, or drop. Plain ints and
 precomputed offsets keep trigger() cheap: it runs for every interrupt."""
-_INTX_DISABLE = int(Command.INTX_DISABLE)
+_INTX_DISABLE = int(CommandRegister.INTX_DISABLE)
 
 
 def _always_open(vector: int) -> int:
@@ -505,7 +505,7 @@ class Interrupts:
     # Guest writes that may let held interrupts through (config watchers, table writes)
 
     def command_changed(self, old: int, new: int) -> None:
-        if old & Command.INTX_DISABLE and not new & Command.INTX_DISABLE and self.intx.count:
+        if old & _INTX_DISABLE and not new & _INTX_DISABLE and self.intx.count:
             self.intx.release_pending(0)
 
     def msi_changed(self, old: int, new: int) -> None:

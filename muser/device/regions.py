@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 from muser.wire.constants import PAGE_SIZE
 
@@ -73,6 +74,29 @@ class Doorbell:
         )
 
 
+class BarKind(Enum):
+    """What a BAR decodes: I/O space, or memory below 4 GiB or anywhere (64-bit, which
+    takes the next BAR for its upper half), prefetchable or not."""
+
+    IO = "I/O"
+    MEMORY = "32-bit memory"
+    MEMORY_64 = "64-bit memory"
+    PREFETCHABLE = "32-bit prefetchable memory"
+    PREFETCHABLE_64 = "64-bit prefetchable memory"
+
+    @property
+    def is_io(self) -> bool:
+        return self is BarKind.IO
+
+    @property
+    def is_64bit(self) -> bool:
+        return self in (BarKind.MEMORY_64, BarKind.PREFETCHABLE_64)
+
+    @property
+    def prefetchable(self) -> bool:
+        return self in (BarKind.PREFETCHABLE, BarKind.PREFETCHABLE_64)
+
+
 @dataclass(frozen=True)
 class Bar:
     """One BAR of a PCI device. A region with a read handler is readable, one with a
@@ -82,9 +106,7 @@ class Bar:
     size: int
     read: ReadHandler | None = None
     write: WriteHandler | None = None
-    io: bool = False
-    is_64bit: bool = False
-    prefetchable: bool = False
+    kind: BarKind = BarKind.MEMORY
     shared: SharedMemory | None = None
     doorbells: tuple[Doorbell, ...] = field(default=())
     nonstandard: bool = False
@@ -98,17 +120,18 @@ class Bar:
                 raise ValueError("a BAR has a size")
         elif size & (size - 1) or size <= 0:
             raise ValueError(f"BAR size {size:#x} is not a power of two")
-        if self.io:
-            if self.is_64bit or self.prefetchable:
-                raise ValueError("an I/O BAR is neither 64-bit nor prefetchable")
+        kind = self.kind
+        if kind.is_io:
             if not MIN_IO_BAR <= size <= MAX_IO_BAR and not self.nonstandard:
                 raise ValueError(f"I/O BAR size must be {MIN_IO_BAR}…{MAX_IO_BAR} bytes")
         elif size < MIN_MEMORY_BAR:
             raise ValueError(f"memory BAR size must be at least {MIN_MEMORY_BAR} bytes")
-        elif not self.is_64bit and size > MAX_32BIT_BAR:
-            raise ValueError("a 32-bit memory BAR is at most 2 GiB; declare is_64bit=True")
+        elif not kind.is_64bit and size > MAX_32BIT_BAR:
+            raise ValueError(
+                "a 32-bit memory BAR is at most 2 GiB; declare kind=BarKind.MEMORY_64"
+            )
         if self.shared is not None:
-            if self.io and not self.nonstandard:
+            if kind.is_io and not self.nonstandard:
                 raise ValueError("only memory BARs can be mapped")
             areas = list(self.mmap_areas)
             for (start, length), following in zip(
@@ -132,15 +155,16 @@ class Bar:
     @property
     def type_bits(self) -> int:
         """The read-only low bits of the BAR register."""
-        if self.io:
+        kind = self.kind
+        if kind.is_io:
             return 0x1
-        return (0x4 if self.is_64bit else 0) | (0x8 if self.prefetchable else 0)
+        return (0x4 if kind.is_64bit else 0) | (0x8 if kind.prefetchable else 0)
 
     @property
     def address_mask(self) -> int:
         """The bits of the (64-bit, for a 64-bit BAR) register that software may write."""
-        width = 0xFFFFFFFFFFFFFFFF if self.is_64bit else 0xFFFFFFFF
-        low_bits = 0x3 if self.io else 0xF
+        width = 0xFFFFFFFFFFFFFFFF if self.kind.is_64bit else 0xFFFFFFFF
+        low_bits = 0x3 if self.kind.is_io else 0xF
         decoded = 1 << (self.size - 1).bit_length()
         return ~(decoded - 1) & width & ~low_bits
 

@@ -13,11 +13,11 @@ from muser.pci.capabilities import (
     VendorSpecific,
     VendorSpecificExtended,
 )
-from muser.pci.config import Command, ConfigSpace, Reg, Status
+from muser.pci.config import CommandRegister, ConfigSpace, Reg, Status
 
 __all__ = [
     "Capability",
-    "Command",
+    "CommandRegister",
     "ConfigSpace",
     "DeviceSerialNumber",
     "ExtendedCapability",

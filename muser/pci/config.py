@@ -55,8 +55,9 @@ class Reg(IntEnum):
     MAX_LAT = 0x3F
 
 
-class Command(IntFlag):
-    """Command register bits."""
+class CommandRegister(IntFlag):
+    """The bits of the Command register (not to be confused with vfio-user's
+    `muser.wire.constants.Command`, the message commands)."""
 
     IO_SPACE = 0x0001
     MEMORY_SPACE = 0x0002
@@ -93,11 +94,11 @@ STATUS_WRITE_1_TO_CLEAR = (
 )
 
 _COMMAND_WRITABLE = (
-    Command.MEMORY_SPACE
-    | Command.BUS_MASTER
-    | Command.PARITY_ERROR_RESPONSE
-    | Command.SERR
-    | Command.INTX_DISABLE
+    CommandRegister.MEMORY_SPACE
+    | CommandRegister.BUS_MASTER
+    | CommandRegister.PARITY_ERROR_RESPONSE
+    | CommandRegister.SERR
+    | CommandRegister.INTX_DISABLE
 )
 
 AnyCapability = Capability | ExtendedCapability
@@ -182,8 +183,8 @@ class ConfigSpace:
         self._set(Reg.SUBSYSTEM_ID, 2, subsystem_id)
         self._set(Reg.INTERRUPT_PIN, 1, interrupt_pin)
         command_writable = _COMMAND_WRITABLE
-        if any(bar.io for bar in bars.values()):
-            command_writable |= Command.IO_SPACE
+        if any(bar.kind.is_io for bar in bars.values()):
+            command_writable |= CommandRegister.IO_SPACE
         self._set(Reg.COMMAND, 2, 0, writable=command_writable)
         self._set(Reg.STATUS, 2, 0, write_clears=STATUS_WRITE_1_TO_CLEAR)
         self._set(Reg.CACHE_LINE_SIZE, 1, 0, writable=0xFF)
@@ -192,7 +193,7 @@ class ConfigSpace:
         for index, bar in bars.items():
             register = Reg.BAR0 + 4 * index
             self._set(register, 4, bar.type_bits, writable=bar.address_mask & 0xFFFFFFFF)
-            if bar.is_64bit:
+            if bar.kind.is_64bit:
                 self._set(register + 4, 4, 0, writable=bar.address_mask >> 32)
         if rom_size:
             self._set(

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 import muser
-from muser import Bar, Client, Server
+from muser import Bar, BarKind, Client, Server
 from muser.device.regions import Doorbell, SharedMemory
 from muser.wire.constants import Command, IoEventFdFlag, RegionFlag
 from muser.wire.messages import (
@@ -53,7 +53,7 @@ class FastDevice(muser.PciDevice):
                 ),
                 2: Bar(
                     16,
-                    io=True,
+                    kind=BarKind.IO,
                     read=self.read,
                     write=self.write,
                     doorbells=(Doorbell(0x4, 2, self.doorbell("io")),),
@@ -159,7 +159,7 @@ class TestSharedMemory:
     @pytest.mark.parametrize(
         ("declare", "match"),
         [
-            (lambda: Bar(16, io=True, shared=SharedMemory()), "memory BARs"),
+            (lambda: Bar(16, kind=BarKind.IO, shared=SharedMemory()), "memory BARs"),
             (lambda: Bar(0x2000, shared=SharedMemory(areas=((0x1000, 0x2000),))), "leaves"),
             (
                 lambda: Bar(0x2000, shared=SharedMemory(areas=((0, 0x2000), (0x1000, 0x1000)))),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 import muser
-from muser import Bar, Client, Server
+from muser import Bar, BarKind, Client, Server
 from muser.device.regions import Doorbell, SharedMemory
 from muser.wire import build_capabilities
 from muser.wire.constants import Command, FeatureFlag
@@ -314,7 +314,7 @@ class Target(muser.PciDevice):
                     doorbells=(Doorbell(0x2000, 4, lambda value, count: None),),
                 ),
                 2: Bar(0x2000, shared=SharedMemory()),
-                4: Bar(32, io=True, read=self.read),
+                4: Bar(32, kind=BarKind.IO, read=self.read),
             },
             capabilities=[
                 muser.MsiX(table_size=4, table_bar=0, table_offset=0, pba_bar=0, pba_offset=0x1000)

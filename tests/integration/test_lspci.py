@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import muser
-from muser import Bar, Client, Msi, MsiX, PciExpress, PowerManagement, Server
+from muser import Bar, BarKind, Client, Msi, MsiX, PciExpress, PowerManagement, Server
 from muser.pci import PcieType
 from muser_samples import edu, gpio, null
 
@@ -43,9 +43,9 @@ def capable_device() -> muser.PciDevice:
         intx=True,
         rom=b"\x55\xaa" + bytes(3000),
         bars={
-            0: Bar(0x4000, is_64bit=True, read=nothing),
-            2: Bar(32, io=True, read=nothing),
-            3: Bar(0x1000, prefetchable=True, read=nothing),
+            0: Bar(0x4000, kind=BarKind.MEMORY_64, read=nothing),
+            2: Bar(32, kind=BarKind.IO, read=nothing),
+            3: Bar(0x1000, kind=BarKind.PREFETCHABLE, read=nothing),
         },
         capabilities=[
             PowerManagement(d1=True, pme_support=0b11001),

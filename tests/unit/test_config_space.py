@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import pytest
 
-from muser import Bar, PciDevice, VfioUserError
+from muser import Bar, BarKind, PciDevice, VfioUserError
 from muser.pci.config import Reg
 
 
@@ -31,9 +32,9 @@ def size_bar(device: PciDevice, index: int) -> int:
         (Bar(0x1000), 0xFFFFF000),
         (Bar(16), 0xFFFFFFF0),
         (Bar(1 << 31), 0x80000000),
-        (Bar(0x100, io=True), 0xFFFFFF01),
-        (Bar(4, io=True), 0xFFFFFFFD),
-        (Bar(0x4000, prefetchable=True), 0xFFFFC008),
+        (Bar(0x100, kind=BarKind.IO), 0xFFFFFF01),
+        (Bar(4, kind=BarKind.IO), 0xFFFFFFFD),
+        (Bar(0x4000, kind=BarKind.PREFETCHABLE), 0xFFFFC008),
     ],
 )
 def test_bar_sizing(bar: Bar, readback: int) -> None:
@@ -41,7 +42,7 @@ def test_bar_sizing(bar: Bar, readback: int) -> None:
 
 
 def test_64bit_bar_sizing() -> None:
-    device = make(bar2=Bar(1 << 33, is_64bit=True, prefetchable=True))
+    device = make(bar2=Bar(1 << 33, kind=BarKind.PREFETCHABLE_64))
     assert device.config.register(Reg.BAR0 + 8, 4) == 0xC
     assert size_bar(device, 2) == 0x0000000C
     assert size_bar(device, 3) == 0xFFFFFFFE
@@ -95,13 +96,13 @@ def test_out_of_range_access() -> None:
         ({"size": 0}, "power of two"),
         ({"size": 0x1800}, "power of two"),
         ({"size": 8}, "at least 16"),
-        ({"size": 512, "io": True}, "I/O BAR size"),
-        ({"size": 2, "io": True}, "power of two|I/O BAR size"),
-        ({"size": 16, "io": True, "is_64bit": True}, "neither"),
+        ({"size": 512, "kind": BarKind.IO}, "I/O BAR size"),
+        ({"size": 2, "kind": BarKind.IO}, "power of two|I/O BAR size"),
         ({"size": 1 << 32}, "2 GiB"),
+        ({"size": 1 << 32, "kind": BarKind.PREFETCHABLE}, "2 GiB"),
     ],
 )
-def test_impossible_bars_fail_at_declaration(kwargs: dict[str, int], match: str) -> None:
+def test_impossible_bars_fail_at_declaration(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Bar(**kwargs)  # type: ignore[arg-type]
 
@@ -110,8 +111,8 @@ def test_impossible_bars_fail_at_declaration(kwargs: dict[str, int], match: str)
     ("bars", "match"),
     [
         ({6: Bar(16)}, "not 0…5"),
-        ({5: Bar(16, is_64bit=True)}, "needs BAR6"),
-        ({0: Bar(16, is_64bit=True), 1: Bar(16)}, "needs BAR1"),
+        ({5: Bar(16, kind=BarKind.MEMORY_64)}, "needs BAR6"),
+        ({0: Bar(16, kind=BarKind.MEMORY_64), 1: Bar(16)}, "needs BAR1"),
     ],
 )
 def test_impossible_bar_layouts(bars: dict[int, Bar], match: str) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from muser import (
     Bar,
+    BarKind,
     ConfigRegisters,
     DeviceSerialNumber,
     Msi,
@@ -110,7 +111,7 @@ def test_command_register() -> None:
     memory_only = make()
     write(memory_only, Reg.COMMAND, 0xFFFF, 2)
     assert reg(memory_only, Reg.COMMAND, 2) == 0x0546
-    with_io = make(bars={2: Bar(16, io=True, read=lambda o, n: bytes(n))})
+    with_io = make(bars={2: Bar(16, kind=BarKind.IO, read=lambda o, n: bytes(n))})
     write(with_io, Reg.COMMAND, 0xFFFF, 2)
     assert reg(with_io, Reg.COMMAND, 2) == 0x0547
 
@@ -276,7 +277,7 @@ class TestMsiX:
         } | kwargs
         bars = {
             0: Bar(0x4000, read=lambda o, n: bytes(n)),
-            2: Bar(256, io=True, read=lambda o, n: bytes(n)),
+            2: Bar(256, kind=BarKind.IO, read=lambda o, n: bytes(n)),
         }
         with pytest.raises(ValueError, match=match):
             make(MsiX(**spec), bars=bars)
@@ -442,7 +443,7 @@ class TestRom:
 
 
 def test_64bit_bar_upper_region_is_empty() -> None:
-    device = make(bars={0: Bar(1 << 32, is_64bit=True, read=lambda o, n: bytes(n))})
+    device = make(bars={0: Bar(1 << 32, kind=BarKind.MEMORY_64, read=lambda o, n: bytes(n))})
     assert device.region_flags_and_size(0)[1] == 1 << 32
     assert device.region_flags_and_size(1) == (0, 0)
 
