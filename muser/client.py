@@ -8,7 +8,6 @@ to test their own devices. Besides one awaitable method per command it offers
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,14 +17,14 @@ from typing import Any, Self
 
 import structlog
 
-from muser.device.dma import DmaLayout
-from muser.endpoint import Endpoint, Payload
-from muser.errors import ProtocolError, VfioUserError
-from muser.wire import Capabilities, Frame, build_capabilities, parse_capabilities
+from muser.device.dma_messages import DmaLayout
+from muser.endpoint import Endpoint
+from muser.errors import ProtocolError
+from muser.session import ClientSession
+from muser.transport import FdTransport
+from muser.wire import Capabilities, build_capabilities, parse_capabilities
 from muser.wire.constants import (
     DEFAULT_MAX_DATA_XFER_SIZE,
-    FLAGS_ERROR_REPLY,
-    FLAGS_REPLY,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
     Command,
@@ -35,15 +34,11 @@ from muser.wire.constants import (
     FeatureFlag,
     MigrationFlag,
     MigrationState,
-    command_name,
 )
 from muser.wire.messages import (
     ACCESS_CODEC,
     DeviceFeature,
     DeviceInfo,
-    DmaAccess,
-    DmaData,
-    DmaDataQemu,
     DmaMap,
     DmaUnmap,
     DmaUnmapReply,
@@ -60,39 +55,54 @@ from muser.wire.messages import (
     Version,
     WriteOne,
     build_write_multi,
-    dma_data_parts,
 )
 
 CLIENT_MAX_MSG_FDS = 16
-MESSAGE_OVERHEAD = 32
 
 
 class Client(Endpoint):
-    """A connected vfio-user client. Use `Client.connect(path)` to get a negotiated one."""
+    """A connected vfio-user client. Use `Client.connect(path)` to get a negotiated
+    one, or `Client.on_socket(sock)` for a socket already connected."""
+
+    session: ClientSession
 
     def __init__(
         self,
-        sock: socket.socket,
+        transport: FdTransport,
         *,
         max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
         dma_layout: DmaLayout = DmaLayout.SPEC,
     ) -> None:
-        if dma_layout is DmaLayout.AUTO:
-            raise ValueError("a client speaks one DMA layout: SPEC or QEMU")
-        super().__init__(
-            sock,
-            max_message_size=max_data_xfer_size + MESSAGE_OVERHEAD,
-            max_receive_fds=CLIENT_MAX_MSG_FDS,
-            logger=structlog.get_logger("muser.client"),
-        )
+        super().__init__(transport, logger=structlog.get_logger("muser.client"))
         self.max_data_xfer_size = max_data_xfer_size
         self.server: Capabilities | None = None
         """What the server announced in its VERSION reply."""
         self.server_version: tuple[int, int] | None = None
         self.dma_layout = dma_layout
         """The DMA_READ/DMA_WRITE layout this client speaks (QEMU's, or the spec's)."""
-        self._guest: dict[int, memoryview] = {}
-        """Windows mapped without an fd, by address: the memory their DMA messages reach."""
+        self.session = ClientSession(
+            transport,
+            self,
+            max_data_xfer_size=max_data_xfer_size,
+            dma_layout=dma_layout,
+            clock=self._loop.time,
+            observer=self.observer(None),
+        )
+        self._start()
+
+    @classmethod
+    def on_socket(
+        cls,
+        sock: socket.socket,
+        *,
+        max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE,
+        dma_layout: DmaLayout = DmaLayout.SPEC,
+    ) -> Self:
+        """A client over a socket already connected to a server (not negotiated)."""
+        if dma_layout is DmaLayout.AUTO:
+            raise ValueError("a client speaks one DMA layout: SPEC or QEMU")
+        transport = FdTransport(sock, max_receive_fds=CLIENT_MAX_MSG_FDS)
+        return cls(transport, max_data_xfer_size=max_data_xfer_size, dma_layout=dma_layout)
 
     @classmethod
     async def connect(
@@ -109,10 +119,12 @@ class Client(Endpoint):
         sock.setblocking(False)
         try:
             await asyncio.get_running_loop().sock_connect(sock, os.fspath(path))
+            client = cls.on_socket(
+                sock, max_data_xfer_size=max_data_xfer_size, dma_layout=dma_layout
+            )
         except BaseException:
             sock.close()
             raise
-        client = cls(sock, max_data_xfer_size=max_data_xfer_size, dma_layout=dma_layout)
         if negotiate:
             try:
                 await client.negotiate(capabilities)
@@ -132,57 +144,6 @@ class Client(Endpoint):
     ) -> None:
         self.close()
         await self.wait_closed()
-
-    # What the server sends us
-
-    def _command_received(self, frame: Frame) -> None:
-        """The server's DMA_READ/DMA_WRITE, served from the windows this client mapped
-        with `backing` memory; anything else is refused with ENOSYS, as QEMU does."""
-        frame.close_fds()
-        try:
-            payload = self._serve(frame)
-        except VfioUserError as exc:
-            self.log.warning(
-                "refusing server command", command=command_name(frame.command), reason=str(exc)
-            )
-            self.send(frame.msg_id, frame.command, FLAGS_ERROR_REPLY, error=exc.errno)
-            return
-        if not frame.no_reply:
-            self.send(frame.msg_id, frame.command, FLAGS_REPLY, payload)
-
-    def _serve(self, frame: Frame) -> Payload:
-        if frame.command == Command.DMA_READ:
-            return self._serve_dma_read(frame.payload)
-        if frame.command == Command.DMA_WRITE:
-            return self._serve_dma_write(frame.payload)
-        raise VfioUserError(errno.ENOSYS, f"unknown server command {frame.command}")
-
-    def _guest_memory(self, address: int, count: int) -> memoryview:
-        if count > self.max_data_xfer_size:
-            raise VfioUserError(errno.E2BIG, f"DMA of {count} bytes exceeds max_data_xfer_size")
-        for start, memory in self._guest.items():
-            if start <= address and address + count <= start + len(memory):
-                return memory[address - start : address - start + count]
-        raise VfioUserError(errno.EFAULT, f"{address:#x}+{count:#x} is in no backed window")
-
-    def _serve_dma_read(self, payload: bytes) -> Payload:
-        request = DmaAccess.parse(payload)
-        data = bytes(self._guest_memory(request.address, request.count))
-        return dma_data_parts(request.address, data, qemu=self.dma_layout is DmaLayout.QEMU)
-
-    def _serve_dma_write(self, payload: bytes) -> bytes:
-        if self.dma_layout is DmaLayout.QEMU:
-            qemu = DmaDataQemu.parse(payload)
-            address, count, data = qemu.address, qemu.count, qemu.data[: qemu.count]
-        else:
-            spec = DmaData.parse(payload)
-            address, count, data = spec.address, spec.count, spec.data
-        if len(data) != count:
-            raise VfioUserError(errno.EINVAL, f"DMA_WRITE count {count} with {len(data)} bytes")
-        self._guest_memory(address, count)[:] = data
-        if self.dma_layout is DmaLayout.QEMU:
-            return b""
-        return DmaAccess(address, count).build()
 
     # Raw access, for tests that send what a well-behaved client would not
 
@@ -310,16 +271,16 @@ class Client(Endpoint):
         request = DmaMap(32, flags, offset, address, size).build()
         await self.request(Command.DMA_MAP, request, () if fd is None else (fd,))
         if backing is not None:
-            self._guest[address] = memoryview(backing)[:size]
+            self.session.guest[address] = memoryview(backing)[:size]
 
     async def dma_unmap(self, address: int, size: int, *, flags: int = 0) -> DmaUnmapReply:
         """DMA_UNMAP: remove a window (or all, with UNMAP_ALL); the server quiesces it."""
         request = DmaUnmap(24, flags, address, size, None).build()
         reply = DmaUnmapReply.parse((await self.request(Command.DMA_UNMAP, request)).payload)
         if flags & DmaUnmapFlag.UNMAP_ALL:
-            self._guest.clear()
+            self.session.guest.clear()
         else:
-            self._guest.pop(address, None)
+            self.session.guest.pop(address, None)
         return reply
 
     async def migration_flags(self) -> MigrationFlag:

@@ -1,40 +1,22 @@
-"""What both ends of a vfio-user connection share: framing, message ids, and the
-requests this end sent, matched with their replies.
-
-The server uses it for its DMA_READ/DMA_WRITE requests, the client for all of
-its commands. Replies are matched as soon as they arrive, never behind queued
-commands, so a reply can't be stuck waiting for the command it is needed by.
-"""
+"""The asyncio side of a session, for either end: it owns the transport, drives the
+session's timer, logs for it, and turns the requests this end sends into awaitables
+(a future per msg_id, resolved when the session says the reply arrived)."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import logging
-import socket
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import structlog
 
 from muser.errors import ConnectionClosedError, VfioUserError
+from muser.session import Observer, Payload, Session
 from muser.transport import FdTransport
-from muser.wire import Frame, Framer, FramingError, encode_header
-from muser.wire.constants import (
-    FLAGS_COMMAND,
-    FLAGS_POSTED_COMMAND,
-    FLAGS_REPLY,
-    HEADER_SIZE,
-    MESSAGE_TYPE_MASK,
-    command_name,
-)
-from muser.wire.messages import HEADER_CODEC
-
-_MSG_ID_MODULUS = 1 << 16
-
-Payload = bytes | tuple[bytes, ...]
-"""A message's payload: its bytes, or parts sent back to back without joining
-them (`Layout.build_parts`), so that bulk data is not copied into a new buffer."""
+from muser.wire import Frame
+from muser.wire.constants import command_name
 
 
 def debug_enabled(logger: Any) -> bool:
@@ -51,166 +33,120 @@ def debug_enabled(logger: Any) -> bool:
     return True
 
 
-class WireRecorder(Protocol):
-    """Sees every whole message an endpoint receives and sends (see `muser.trace`)."""
-
-    def received(self, frame: Frame) -> None: ...
-
-    def sent(self, message: bytes, nfds: int) -> None: ...
+class Recorder(Observer, Protocol):
+    """Keeps every message of a session (`muser.recording.WireTrace`)."""
 
     def close(self) -> None: ...
 
 
-class Endpoint:
-    """One side of a connected vfio-user socket."""
+class MessageObserver:
+    """Sees every whole message a session receives and sends: it logs each at debug
+    level, and hands it on to a recorder if one is set."""
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        *,
-        max_message_size: int,
-        max_receive_fds: int,
-        logger: Any,
-        recorder: WireRecorder | None = None,
-        read_while_backlogged: bool = True,
-    ) -> None:
-        self.log = logger
-        self._debug = debug_enabled(logger)
+    def __init__(self, logger: Any, recorder: Recorder | None, *, debug: bool) -> None:
+        self._logger = logger
         self._recorder = recorder
-        """Off (None) unless tracing: one test per message is all it costs then."""
-        self._framer = Framer(max_message_size)
-        self._requests: dict[int, tuple[int, asyncio.Future[Frame]]] = {}
-        self._next_msg_id = 0
-        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.transport = FdTransport(
-            sock,
-            self,
-            max_receive_fds=max_receive_fds,
-            read_while_backlogged=read_while_backlogged,
-        )
+        self._debug = debug
 
-    # Transport callbacks
+    def received(self, frame: Frame) -> None:
+        if self._debug:
+            self._logger.debug(
+                "received",
+                msg_id=frame.msg_id,
+                command=command_name(frame.command),
+                flags=frame.flags,
+                size=len(frame.payload),
+                fds=len(frame.fds),
+            )
+        if self._recorder is not None:
+            self._recorder.received(frame)
 
-    def data_received(self, data: bytes, fds: list[int], fds_lost: bool = False) -> bool:
-        """Frame what arrived and take each message; whether an answer went out is
-        not followed here (False), so the transport looks for more itself."""
-        framer = self._framer
-        if (
-            not fds
-            and not fds_lost
-            and not framer.buffered
-            and len(data) >= HEADER_SIZE
-            and not self._debug
-            and self._recorder is None
-        ):
-            # One whole message, as a peer waiting on each answer sends them: taken
-            # without the framer, whose header checks these are.
-            msg_id, command, size, flags, error = HEADER_CODEC.unpack_from(data)
-            if size == len(data) <= framer.max_message_size:
-                message_type = flags & MESSAGE_TYPE_MASK
-                if message_type == FLAGS_REPLY:
-                    self._reply_received(Frame(msg_id, command, flags, error, data[HEADER_SIZE:]))
-                    return False
-                if message_type == FLAGS_COMMAND:
-                    self._command_received(
-                        Frame(msg_id, command, flags, error, data[HEADER_SIZE:])
-                    )
-                    return False
-        try:
-            frames = self._framer.feed(data, fds, fds_lost=fds_lost)
-            broken: FramingError | None = None
-        except FramingError as exc:
-            frames, broken = exc.frames, exc
-        for frame in frames:
-            if self._debug:
-                self.log.debug(
-                    "received",
-                    msg_id=frame.msg_id,
-                    command=command_name(frame.command),
-                    flags=frame.flags,
-                    size=len(frame.payload),
-                    fds=len(frame.fds),
-                )
-            if self._recorder is not None:
-                self._recorder.received(frame)
-            if frame.is_reply:
-                self._reply_received(frame)
-            else:
-                self._command_received(frame)
-        if broken is not None:
-            self.log.warning("protocol violation; closing the connection", error=str(broken))
-            self._stream_broken()
-        return False
+    def sent(self, message: bytes, nfds: int) -> None:
+        if self._recorder is not None:
+            self._recorder.sent(message, nfds)
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._framer.close()
-        for _command, future in self._requests.values():
-            if not future.done():
-                future.set_exception(ConnectionClosedError("connection lost"))
-        self._requests.clear()
+    def close(self) -> None:
         if self._recorder is not None:
             self._recorder.close()
-        if exc is not None:
-            self.log.info("connection lost", error=str(exc))
-        if not self._lost.done():
-            self._lost.set_result(None)
 
-    # What each side does with what arrives
 
-    def _command_received(self, frame: Frame) -> None:
-        raise NotImplementedError
+class Endpoint:
+    """One end's connection on the running loop. Subclasses make `session`, then
+    call `_start`."""
 
-    def _unexpected_reply(self, frame: Frame) -> None:
-        self.log.warning(
-            "unexpected reply", msg_id=frame.msg_id, command=command_name(frame.command)
-        )
-        frame.close_fds()
+    session: Session
 
-    def _stream_broken(self) -> None:
-        self.transport.close()
+    def __init__(self, transport: FdTransport, *, logger: Any) -> None:
+        self.transport = transport
+        self.logger = logger
+        """structlog logger the session's log lines go to (a server binds the client's pid)."""
+        self._loop = asyncio.get_running_loop()
+        self._requests: dict[int, asyncio.Future[Frame]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._lost = asyncio.Event()
 
-    def _reply_received(self, frame: Frame) -> None:
-        entry = self._requests.get(frame.msg_id)
-        if entry is None or entry[0] != frame.command:
-            self._unexpected_reply(frame)
-            return
-        del self._requests[frame.msg_id]
-        future = entry[1]
-        if future.done():
+    def observer(self, recorder: Recorder | None) -> MessageObserver | None:
+        """What to show every message: None when nobody looks (then it costs nothing)."""
+        debug = debug_enabled(self.logger)
+        if not debug and recorder is None:
+            return None
+        return MessageObserver(self.logger, recorder, debug=debug)
+
+    def _start(self) -> None:
+        self.transport.start(self.session.data_received, self.connection_lost)
+
+    # What the session asks of us
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def close(self, *, flush: bool = False) -> None:
+        """End the connection: at once, or once what is queued has gone (`flush`)."""
+        if flush:
+            self.transport.close_when_sent()
+        else:
+            self.transport.close()
+
+    def set_timer(self, deadline: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._timer_due)
+
+    def _timer_due(self) -> None:
+        self._timer = None
+        self.session.tick()
+
+    def log(self, level: str, event: str, /, **fields: object) -> None:
+        getattr(self.logger, level)(event, **fields)
+
+    def reply_arrived(self, msg_id: int, frame: Frame) -> None:
+        future = self._requests.pop(msg_id, None)
+        if future is None or future.done():
             frame.close_fds()
         else:
             future.set_result(frame)
 
-    # Sending
+    # The transport's end
 
-    def send(
-        self,
-        msg_id: int,
-        command: int,
-        flags: int,
-        payload: Payload = b"",
-        fds: Sequence[int] = (),
-        *,
-        error: int = 0,
-    ) -> None:
-        if not isinstance(payload, tuple):  # one buffer: bytes, or any bytes-like
-            if type(payload) is not bytes:
-                payload = bytes(payload)  # len() of a view counts items, not bytes
-            header = encode_header(msg_id, command, len(payload), flags, error)
-            buffers: tuple[bytes, ...] = (header, payload) if payload else (header,)
-        else:
-            header = encode_header(msg_id, command, sum(map(len, payload)), flags, error)
-            buffers = (header, *payload)
-        self.transport.send(buffers, fds)
-        if self._recorder is not None:
-            self._recorder.sent(b"".join(buffers), len(fds))
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.session.connection_lost()
+        for future in self._requests.values():
+            if not future.done():
+                future.set_exception(ConnectionClosedError("connection lost"))
+        self._requests.clear()
+        observer = self.session.observer
+        if isinstance(observer, MessageObserver):
+            observer.close()
+        if exc is not None:
+            self.logger.info("connection lost", error=str(exc))
+        self._lost.set()
 
-    def _allocate_msg_id(self) -> int:
-        msg_id = self._next_msg_id
-        while msg_id in self._requests:
-            msg_id = (msg_id + 1) % _MSG_ID_MODULUS
-        self._next_msg_id = (msg_id + 1) % _MSG_ID_MODULUS
-        return msg_id
+    # Requests this end sends
 
     async def exchange(
         self, command: int, payload: Payload = b"", fds: Sequence[int] = ()
@@ -219,16 +155,17 @@ class Endpoint:
 
         The caller owns the reply's fds.
         """
-        msg_id = self._allocate_msg_id()
-        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._requests[msg_id] = (command, future)
+        if self.transport.closed:
+            raise ConnectionClosedError("connection is closed")
+        future: asyncio.Future[Frame] = self._loop.create_future()
+        msg_id = self.session.send_request(command, payload, fds)
+        self._requests[msg_id] = future
         try:
-            self.send(msg_id, command, FLAGS_COMMAND, payload, fds)
             return await future
         finally:
-            entry = self._requests.get(msg_id)
-            if entry is not None and entry[1] is future:
+            if self._requests.get(msg_id) is future:
                 del self._requests[msg_id]
+                self.session.forget_request(msg_id)
 
     async def request(
         self, command: int, payload: Payload = b"", fds: Sequence[int] = ()
@@ -244,20 +181,11 @@ class Endpoint:
 
     def post(self, command: int, payload: Payload = b"", fds: Sequence[int] = ()) -> None:
         """Send a command with NO_REPLY: nothing comes back, not even an error."""
-        self.send(
-            self._allocate_msg_id(),
-            command,
-            FLAGS_POSTED_COMMAND,
-            payload,
-            fds,
-        )
+        self.session.send_request(command, payload, fds, posted=True)
 
     @property
     def is_closed(self) -> bool:
-        return self._lost.done()
-
-    def close(self) -> None:
-        self.transport.close()
+        return self._lost.is_set()
 
     async def wait_closed(self) -> None:
-        await asyncio.shield(self._lost)
+        await self._lost.wait()

@@ -30,8 +30,9 @@ import structlog
 from muser.connection import ServerConnection
 from muser.device import PciDevice
 from muser.device.dma import DmaLayout
-from muser.endpoint import WireRecorder
 from muser.recording import WireTrace
+from muser.session import MAX_MSG_FDS, SessionSettings
+from muser.transport import FdTransport
 from muser.wire.constants import DEFAULT_MAX_DATA_XFER_SIZE
 
 LISTEN_BACKLOG = 8
@@ -185,6 +186,7 @@ class Server:
         allowed_uids: Iterable[int] | None = None,
         allowed_gids: Iterable[int] | None = None,
         trace: str | os.PathLike[str] | None = None,
+        fast_path: bool = True,
     ) -> None:
         self.device = device
         self.path = _where(path, sock)
@@ -215,6 +217,9 @@ class Server:
         self.allowed_gids = None if allowed_gids is None else frozenset(allowed_gids)
         """When set, peers whose uid (or gid) is not listed are refused (SO_PEERCRED)."""
         self.trace = None if trace is None else os.fspath(trace)
+        self.fast_path = fast_path
+        """Serve whole REGION_READ/WRITE messages by the hot path when the session can
+        (False: every message the general way, for comparing the two)."""
         """A JSON-lines file every session's messages are appended to (`muser.trace`)."""
         self.connection: ServerConnection | None = None
         """The attached client's session, if one is attached."""
@@ -324,27 +329,31 @@ class Server:
                 self.close()
             return
         self._pause_accepting()
-        connection.log = self.log.bind(client_pid=connection.transport.peer_pid())
-        connection.log.info("client connected")
+        connection.logger.info("client connected")
         self.connection = connection
         session = asyncio.get_running_loop().create_task(self._session(connection))
         self._sessions.add(session)
         session.add_done_callback(self._sessions.discard)
 
     def _connect(self, sock: socket.socket) -> ServerConnection | None:
-        recorder: WireRecorder | None = None
+        recorder: WireTrace | None = None
         try:
             recorder = None if self.trace is None else WireTrace(self.trace)
-            return ServerConnection(
-                sock,
-                self.device,
+            transport = FdTransport(sock, max_receive_fds=MAX_MSG_FDS, read_while_backlogged=False)
+            settings = SessionSettings(
                 max_data_xfer_size=self.max_data_xfer_size,
-                dma_layout=self.dma_layout,
-                logger=self.log,
-                handler_timeout=self.handler_timeout,
                 negotiation_timeout=self.negotiation_timeout,
                 message_timeout=self.message_timeout,
+                fast_path=self.fast_path,
+            )
+            return ServerConnection(
+                transport,
+                self.device,
+                settings=settings,
+                dma_layout=self.dma_layout,
+                handler_timeout=self.handler_timeout,
                 fd_budget=self.fd_budget if self.fd_budget is not None else default_fd_budget(),
+                logger=self.log.bind(client_pid=transport.peer_pid()),
                 recorder=recorder,
             )
         except Exception as exc:
@@ -372,7 +381,7 @@ class Server:
 
     async def _session(self, connection: ServerConnection) -> None:
         await connection.finished.wait()
-        connection.log.info("client disconnected")
+        connection.logger.info("client disconnected")
         self.connection = None
         if self._listener is None:
             self.close()

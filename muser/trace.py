@@ -58,7 +58,8 @@ class _ReplayPeer:
     def __init__(self, sock: socket.socket) -> None:
         self._framer = Framer(DEFAULT_MAX_DATA_XFER_SIZE + 64)
         self.frames: asyncio.Queue[Frame | None] = asyncio.Queue()
-        self.transport = FdTransport(sock, self, max_receive_fds=16)
+        self.transport = FdTransport(sock, max_receive_fds=16)
+        self.transport.start(self.data_received, self.connection_lost)
 
     def data_received(self, data: bytes, fds: list[int], fds_lost: bool = False) -> bool:
         try:

@@ -14,10 +14,10 @@ import os
 import select
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from muser.errors import ConnectionClosedError, ProtocolError
+from muser.errors import ProtocolError
 from muser.wire import close_fds, gather_piece
 
 RECEIVE_SIZE = 124 * 1024
@@ -41,17 +41,20 @@ RECEIVES_PER_CALL = 16
 """Receives per readiness callback before other callbacks get their turn."""
 
 
-class TransportProtocol(Protocol):
-    """What a transport reports to its owner, always from the loop's thread."""
-
-    def data_received(self, data: bytes, fds: list[int], fds_lost: bool = False) -> bool | None:
+class DataReceiver(Protocol):
+    def __call__(self, data: bytes, fds: list[int], fds_lost: bool = False) -> bool | None:
         """Bytes in arrival order, with the fds that came with them (now owned by the
         callee); `fds_lost` when some of those fds could not be received because this
         process had no descriptors left. True when it sent something in answer: had
         the peer gone, that send failed, so the transport need not look for more."""
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        """The socket is closed: peer EOF (None), an OS error, or a protocol error."""
+
+ConnectionLost = Callable[[BaseException | None], None]
+"""The socket is closed: peer EOF (None), an OS error, or a protocol error."""
+
+
+def _not_started(data: bytes, fds: list[int], fds_lost: bool = False) -> bool:
+    raise RuntimeError("the transport was not started")
 
 
 class _PendingWrite:
@@ -102,22 +105,18 @@ class FdTransport:
     """One connected socket: receives (bytes, fds), sends each message with one sendmsg."""
 
     def __init__(
-        self,
-        sock: socket.socket,
-        protocol: TransportProtocol,
-        *,
-        max_receive_fds: int,
-        read_while_backlogged: bool = True,
+        self, sock: socket.socket, *, max_receive_fds: int, read_while_backlogged: bool = True
     ) -> None:
         """With `read_while_backlogged` False (a server's choice), nothing is read
         while more than WRITE_HIGH_WATER bytes wait for the peer, until it has read
         them down to WRITE_LOW_WATER: whatever would answer the next message, its
-        answer cannot grow the queue without bound."""
+        answer cannot grow the queue without bound. Nothing is read before `start`."""
         sock.setblocking(False)
         self._sock = sock
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
-        self._protocol = protocol
+        self._on_data: DataReceiver = _not_started
+        self._on_lost: ConnectionLost | None = None
         self._max_receive_fds = max(max_receive_fds, 1)
         self._ancillary_size = socket.CMSG_SPACE(4 * self._max_receive_fds)
         self._poller = select.poll()
@@ -127,16 +126,22 @@ class FdTransport:
         """Bytes queued for the peer that the socket has not taken yet (read only)."""
         self._drained: asyncio.Event | None = None
         self._read_while_backlogged = read_while_backlogged
-        self._wants_reading = True
-        """What the protocol asked for last (pause_reading / resume_reading)."""
-        self._backlogged = False
-        """Whether reading waits for the peer to read what is queued for it."""
+        self._wants_reading = False
+        """What the owner asked for last (start, pause_reading, resume_reading)."""
+        self.backlogged = False
+        """Whether more than WRITE_HIGH_WATER bytes wait for the peer, and have not yet
+        been read down to WRITE_LOW_WATER (read only)."""
         self.reading = False
         """Whether the socket is being read now (read only)."""
         self._closing = False
         self.closed = False
         """Whether the socket is closed (read only)."""
-        self._update_reading()
+
+    def start(self, on_data: DataReceiver, on_lost: ConnectionLost) -> None:
+        """Read from now on: what arrives goes to `on_data`, and `on_lost` hears once
+        that the socket closed. Both are called from the loop's thread."""
+        self._on_data, self._on_lost = on_data, on_lost
+        self.resume_reading()
 
     def peer_pid(self) -> int | None:
         """The connecting process, from SO_PEERCRED (Linux)."""
@@ -157,7 +162,9 @@ class FdTransport:
     def _update_reading(self) -> None:
         """Read exactly while the protocol wants it, nothing holds it back, and the
         socket is open."""
-        wanted = self._wants_reading and not self._backlogged and not self.closed
+        wanted = self._wants_reading and not self.closed
+        if self.backlogged and not self._read_while_backlogged:
+            wanted = False
         if wanted and not self.reading:
             self._loop.add_reader(self._fd, self._on_readable)
             self.reading = True
@@ -191,7 +198,7 @@ class FdTransport:
                 self._abort(exc)
                 return
             if data and not ancdata and not msg_flags & _MSG_CTRUNC:
-                if self._protocol.data_received(data, []):  # bytes alone: almost every receive
+                if self._on_data(data, []):  # bytes alone: almost every receive
                     return
             elif self._deliver(data, ancdata, msg_flags):
                 return
@@ -215,7 +222,7 @@ class FdTransport:
             self._abort(None)
             return True
         if not msg_flags & _MSG_CTRUNC:
-            return bool(self._protocol.data_received(data, fds))
+            return bool(self._on_data(data, fds))
         if len(fds) >= self._max_receive_fds:
             close_fds(fds)
             message = "more file descriptors than advertised: control data truncated"
@@ -224,26 +231,32 @@ class FdTransport:
         # Fewer fds than there was room for: the kernel could not install the rest
         # because this process is out of descriptors (EMFILE/ENFILE). The message
         # goes on, marked, to be refused with EMFILE.
-        return bool(self._protocol.data_received(data, fds, True))
+        return bool(self._on_data(data, fds, True))
 
     def send(self, buffers: Sequence[bytes], fds: Sequence[int] = ()) -> None:
         """Send one message (its buffers in order) with `fds` attached to its first byte.
 
         Never blocks: what the socket does not take now is queued (fds duplicated,
-        so the caller may close its own copies at once) and sent when it can.
+        so the caller may close its own copies at once) and sent when it can. A
+        connection that is closed or closing drops it, as a message to a peer that
+        is gone; one whose socket fails is closed (the owner hears connection_lost).
         """
         if self.closed or self._closing:
-            raise ConnectionClosedError("connection is closed")
+            return
         sent = 0
         if not self._writes:
+            single = len(buffers) == 1 and not fds
             try:
-                sent = self._sock.sendmsg(buffers, _scm_rights(fds))
+                if single:  # one buffer, no fds: almost every reply, sent the cheap way
+                    sent = self._sock.send(buffers[0])
+                else:
+                    sent = self._sock.sendmsg(buffers, _scm_rights(fds))
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as exc:
                 self._abort(exc)
-                raise ConnectionClosedError(str(exc)) from exc
-            total = len(buffers[0]) if len(buffers) == 1 else sum(map(len, buffers))
+                return
+            total = len(buffers[0]) if single else sum(map(len, buffers))
             if sent == total:
                 return
             if sent:
@@ -272,27 +285,9 @@ class FdTransport:
             )
             self.write_buffer_size += size - sent
             sent = 0
-        if not self._read_while_backlogged and self.write_buffer_size > WRITE_HIGH_WATER:
-            self._backlogged = True
+        if self.write_buffer_size > WRITE_HIGH_WATER and not self.backlogged:
+            self.backlogged = True
             self._update_reading()
-
-    def send_message(self, message: bytes) -> None:
-        """`send` of one buffer without fds, for the server's fast lane: a connection
-        that is closed or closing drops it, as a reply to a client that is gone."""
-        if self.closed or self._closing:
-            return
-        if self._writes:
-            self.send((message,))
-            return
-        try:
-            sent = self._sock.send(message)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._abort(exc)
-            return
-        if sent != len(message):
-            self._queue((message,), sent, ())
 
     def _on_writable(self) -> None:
         while self._writes:
@@ -327,13 +322,13 @@ class FdTransport:
         if self._drained is not None:
             self._drained.set()
             self._drained = None
-        if self._backlogged:
-            self._backlogged = False
+        if self.backlogged:
+            self.backlogged = False
             self._update_reading()
 
     async def drain(self) -> None:
-        """Wait while more than the high-water mark is queued for the peer."""
-        if self.write_buffer_size <= WRITE_HIGH_WATER or self.closed:
+        """Wait while the peer is backlogged (see `backlogged`)."""
+        if not self.backlogged or self.closed:
             return
         if self._drained is None:
             self._drained = asyncio.Event()
@@ -363,4 +358,5 @@ class FdTransport:
         self.write_buffer_size = 0
         self._wake_drain()
         self._sock.close()
-        self._loop.call_soon(self._protocol.connection_lost, exc)
+        if self._on_lost is not None:
+            self._loop.call_soon(self._on_lost, exc)

@@ -18,6 +18,9 @@ PROTOCOL_MINOR = 2
 DEFAULT_MAX_DATA_XFER_SIZE = 1 << 20
 DEFAULT_MAX_DMA_MAPS = 65535
 DEFAULT_PGSIZES = 4096
+MESSAGE_OVERHEAD = 32
+"""Room for the header and fixed fields around `max_data_xfer_size` bytes of data:
+a side that offers that transfer size takes messages of up to this much more."""
 DEFAULT_MAX_MSG_FDS = 1
 """Spec defaults for capabilities the peer does not mention."""
 

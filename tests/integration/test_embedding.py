@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from muser import Bar, Client, PciDevice, ResetReason, Server, connection
+from muser import Bar, Client, PciDevice, ResetReason, Server
+from muser.session import server as server_session
 from muser.wire.constants import Command
 from muser.wire.messages import RegionAccess
 from muser_samples import gpio, null
@@ -56,7 +57,7 @@ async def test_serves_a_connected_socket_until_its_client_leaves(
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     server = Server(device, sock=ours)
     serving = asyncio.ensure_future(server.serve_forever())
-    async with Client(theirs) as client:
+    async with Client.on_socket(theirs) as client:
         await client.negotiate()
         await client.region_write(0, 0, b"pair")
         assert server.is_serving()
@@ -142,7 +143,7 @@ async def test_close_answers_the_request_in_flight_then_drops_the_client(
 async def test_a_client_that_stops_reading_cannot_hold_a_graceful_close(
     device: RecordingDevice, sock_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(connection, "SHUTDOWN_GRACE", 0.3)
+    monkeypatch.setattr(server_session, "SHUTDOWN_GRACE", 0.3)
     before = open_fds()
     server = Server(device, sock_path)
     await server.start_serving()
@@ -187,7 +188,7 @@ async def test_run_serves_an_inherited_connection_and_exits_when_it_ends() -> No
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with theirs:
         process = await start_with_fd(theirs, "gpio")
-    async with Client(ours) as client:
+    async with Client.on_socket(ours) as client:
         await client.negotiate()
         vendor = await client.region_read(7, 0, 2)
     assert int.from_bytes(vendor, "little") == gpio.VENDOR_ID

@@ -422,7 +422,7 @@ async def test_dma_windows_beyond_the_fd_budget_are_emfile(sock_path: str) -> No
         assert refused.value.errno == errno.EMFILE
         # a window in a file already held costs nothing more
         await client.dma_map(0x600000, 0x1000, fd=files[0], offset=0x10000 - 0x1000)
-        assert device.dma.held_fds == 4
+        assert device.dma.files.held == 4
         assert (await client.get_device_info()).num_regions == 9
         for fd in files:
             os.close(fd)

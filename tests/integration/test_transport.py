@@ -30,8 +30,8 @@ class Collector:
         )
         self.arrived = asyncio.Event()
 
-    def data_received(self, data: bytes, fds: list[int]) -> None:
-        self.frames += self.framer.feed(data, fds)
+    def data_received(self, data: bytes, fds: list[int], fds_lost: bool = False) -> None:
+        self.frames += self.framer.feed(data, fds, fds_lost=fds_lost)
         self.arrived.set()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -43,6 +43,12 @@ class Collector:
             await asyncio.wait_for(self.arrived.wait(), 5)
 
 
+def started(sock: socket.socket, collector: Collector, max_receive_fds: int) -> FdTransport:
+    transport = FdTransport(sock, max_receive_fds=max_receive_fds)
+    transport.start(collector.data_received, collector.connection_lost)
+    return transport
+
+
 def same_file(left: int, right: int) -> bool:
     a, b = os.fstat(left), os.fstat(right)
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
@@ -51,7 +57,7 @@ def same_file(left: int, right: int) -> bool:
 async def test_fds_arrive_with_their_message() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     collector = Collector()
-    receiver = FdTransport(ours, collector, max_receive_fds=8)
+    receiver = started(ours, collector, 8)
     sender = RawPeer(theirs)
     first, second = os.memfd_create("a"), os.eventfd(0)
     sender.send(message(1, Command.DEVICE_GET_INFO, bytes(16)))
@@ -74,14 +80,14 @@ async def test_queued_message_keeps_its_fds() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     collector = Collector()
-    sender = FdTransport(ours, Collector(), max_receive_fds=1)
+    sender = started(ours, Collector(), 1)
     big = message(1, Command.REGION_WRITE, bytes(1 << 20))
     sender.send((big,))
     assert sender.write_buffer_size > 0, "the socket cannot take 1 MiB at once"
     fd = os.eventfd(0)
     sender.send((message(2, Command.DEVICE_RESET),), [fd])
     os.close(fd)
-    receiver = FdTransport(theirs, collector, max_receive_fds=4)
+    receiver = started(theirs, collector, 4)
     await collector.wait_for(2)
     assert [len(frame.fds) for frame in collector.frames] == [0, 1]
     assert collector.frames[0].payload == bytes(1 << 20)
@@ -163,14 +169,14 @@ async def test_a_coalesced_backlog_keeps_fds_on_their_message() -> None:
     fds to a neighbour."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sender = FdTransport(ours, Collector(), max_receive_fds=1)
+    sender = started(ours, Collector(), 1)
     sender.send((message(0, Command.REGION_WRITE, bytes(64 * 1024)),))
     fd = os.eventfd(0)
     for msg_id in range(1, 200):
         sender.send((message(msg_id, Command.DEVICE_RESET),), [fd] if msg_id == 100 else ())
     os.close(fd)
     collector = Collector()
-    receiver = FdTransport(theirs, collector, max_receive_fds=4)
+    receiver = started(theirs, collector, 4)
     await collector.wait_for(200)
     assert [frame.msg_id for frame in collector.frames] == list(range(200))
     assert [frame.msg_id for frame in collector.frames if frame.fds] == [100]
@@ -180,21 +186,21 @@ async def test_a_coalesced_backlog_keeps_fds_on_their_message() -> None:
 
 
 async def test_fast_lane_sends_keep_their_place_in_the_backlog() -> None:
-    """`send_message` (the server's fast lane) queues behind what the socket did not
-    take, in order with `send`; once closing, it drops its message."""
+    """A single-buffer send (the cheap way every reply goes) queues behind what the
+    socket did not take, in order with the others; once closing, it drops its message."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sender = FdTransport(ours, Collector(), max_receive_fds=1)
-    sender.send_message(message(0, Command.REGION_WRITE, bytes(64 * 1024)))
+    sender = started(ours, Collector(), 1)
+    sender.send((message(0, Command.REGION_WRITE, bytes(64 * 1024)),))
     assert sender.write_buffer_size > 0
     fd = os.eventfd(0)
     sender.send((message(1, Command.DEVICE_RESET),), [fd])
     os.close(fd)
-    sender.send_message(message(2, Command.DEVICE_RESET))
+    sender.send((message(2, Command.DEVICE_RESET),))
     sender.close_when_sent()
-    sender.send_message(message(3, Command.DEVICE_RESET))
+    sender.send((message(3, Command.DEVICE_RESET),))
     collector = Collector()
-    receiver = FdTransport(theirs, collector, max_receive_fds=4)
+    receiver = started(theirs, collector, 4)
     await collector.wait_for(3)
     assert await asyncio.wait_for(collector.lost, 5) is None
     assert [frame.msg_id for frame in collector.frames] == [0, 1, 2]
@@ -209,7 +215,7 @@ async def test_a_backlog_of_large_and_small_pieces_arrives_intact() -> None:
     sent, even if the caller reuses its buffers at once."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sender = FdTransport(ours, Collector(), max_receive_fds=1)
+    sender = started(ours, Collector(), 1)
     large = bytes(range(256)) * 1024
     reused = bytearray(b"\xaa" * 70_000)
     sent = []
@@ -229,7 +235,7 @@ async def test_a_backlog_of_large_and_small_pieces_arrives_intact() -> None:
         sent.append((msg_id, payload))
     assert sender.write_buffer_size > 0
     collector = Collector()
-    receiver = FdTransport(theirs, collector, max_receive_fds=4)
+    receiver = started(theirs, collector, 4)
     await collector.wait_for(len(sent))
     assert [(frame.msg_id, frame.payload) for frame in collector.frames] == sent
     assert sender.write_buffer_size == 0

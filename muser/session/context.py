@@ -1,0 +1,54 @@
+"""What command handlers work with: the device, this server's limits, the client."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from muser.device import PciDevice
+from muser.wire import Capabilities
+
+Reader = Callable[[int, int], bytes | Awaitable[bytes]]
+Writer = Callable[[int, int, bytes], Awaitable[None] | None]
+
+
+class Logger(Protocol):
+    def __call__(self, level: str, event: str, /, **fields: object) -> None: ...
+
+
+class LimitedLogger(Protocol):
+    def __call__(self, level: str, event: str, kind: Hashable, **fields: object) -> None: ...
+
+
+@dataclass(eq=False)
+class Context:
+    """One session's view of its device, shared by every handler."""
+
+    device: PciDevice
+    max_data_xfer_size: int
+    log: Logger
+    log_limited: LimitedLogger
+    """Log, unless this client repeats itself."""
+    peer: Capabilities | None = None
+    """The client's capabilities, once VERSION is negotiated."""
+    readers: tuple[Reader, ...] = field(default=())
+    """What reads each region (offset, count), decided once."""
+    write: Writer = field(init=False)
+    """What writes a region (index, offset, data)."""
+    stopping: bool = False
+    """Set when the server closes: no command after the one being handled runs (the
+    hot path checks it between messages)."""
+
+    def __post_init__(self) -> None:
+        device = self.device
+        self.write = device.write_region
+        if type(device).read_region is PciDevice.read_region:
+            self.readers = device.region_readers
+        else:
+            # A subclass that overrides read_region is asked through it.
+            self.readers = tuple(
+                functools.partial(device.read_region, index)
+                for index in range(len(device.region_readers))
+            )
