@@ -141,6 +141,54 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _add_client_limits(group: argparse._ArgumentGroup) -> None:
+    """Who may connect, and how long and how much a client may hold a device."""
+    group.add_argument(
+        "--negotiation-timeout",
+        type=_seconds,
+        default=DEFAULT_NEGOTIATION_TIMEOUT,
+        metavar="SECONDS",
+        help="close a client that has not sent VERSION this long after connecting "
+        f"(default {DEFAULT_NEGOTIATION_TIMEOUT:g}; 0 waits forever)",
+    )
+    group.add_argument(
+        "--message-timeout",
+        type=_seconds,
+        default=DEFAULT_MESSAGE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a client whose message has begun but not arrived whole this long "
+        f"after (default {DEFAULT_MESSAGE_TIMEOUT:g}; 0 waits forever)",
+    )
+    group.add_argument(
+        "--fd-budget",
+        type=_positive,
+        metavar="N",
+        help="descriptors a client's DMA windows may keep open "
+        "(default: a quarter of the open-files limit)",
+    )
+    group.add_argument(
+        "--socket-mode",
+        type=_file_mode,
+        default=0o600,
+        metavar="MODE",
+        help="permissions of the socket files, in octal (default 600: only this user)",
+    )
+    group.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        metavar="UID",
+        help="only accept clients running as this user id (repeatable)",
+    )
+    group.add_argument(
+        "--allow-gid",
+        type=int,
+        action="append",
+        metavar="GID",
+        help="only accept clients running with this group id (repeatable)",
+    )
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     samples = ", ".join(sample_names())
     parser = argparse.ArgumentParser(
@@ -183,50 +231,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "auto asks each client, qemu is QEMU's vfio-user-pci, whose layout differs from "
         "the spec's (default: the device's choice, auto unless it names one)",
     )
-    parser.add_argument(
-        "--negotiation-timeout",
-        type=_seconds,
-        default=DEFAULT_NEGOTIATION_TIMEOUT,
-        metavar="SECONDS",
-        help="close a client that has not sent VERSION this long after connecting "
-        f"(default {DEFAULT_NEGOTIATION_TIMEOUT:g}; 0 waits forever)",
-    )
-    parser.add_argument(
-        "--message-timeout",
-        type=_seconds,
-        default=DEFAULT_MESSAGE_TIMEOUT,
-        metavar="SECONDS",
-        help="close a client whose message has begun but not arrived whole this long "
-        f"after (default {DEFAULT_MESSAGE_TIMEOUT:g}; 0 waits forever)",
-    )
-    parser.add_argument(
-        "--fd-budget",
-        type=_positive,
-        metavar="N",
-        help="descriptors a client's DMA windows may keep open "
-        "(default: a quarter of the open-files limit)",
-    )
-    parser.add_argument(
-        "--socket-mode",
-        type=_file_mode,
-        default=0o600,
-        metavar="MODE",
-        help="permissions of the socket files, in octal (default 600: only this user)",
-    )
-    parser.add_argument(
-        "--allow-uid",
-        type=int,
-        action="append",
-        metavar="UID",
-        help="only accept clients running as this user id (repeatable)",
-    )
-    parser.add_argument(
-        "--allow-gid",
-        type=int,
-        action="append",
-        metavar="GID",
-        help="only accept clients running with this group id (repeatable)",
-    )
+    _add_client_limits(parser.add_argument_group("client limits"))
     parser.add_argument(
         "--trace",
         metavar="FILE",

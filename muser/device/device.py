@@ -49,6 +49,10 @@ def _check_identity(**fields: tuple[int, int]) -> None:
             raise ValueError(f"{name} {value:#x} does not fit in {bits} bits")
 
 
+RegionReader = Callable[[int, int], bytes | Awaitable[bytes]]
+"""Reads a region: (offset, count) -> the bytes, or an awaitable of them."""
+
+
 class PciDevice:
     """A PCI device: identity, BARs, expansion ROM, capabilities and config space.
     Subclass it, or build one directly.
@@ -97,10 +101,8 @@ class PciDevice:
         self.bars: Mapping[int, Bar] = MappingProxyType(dict(bars or {}))
         """The BARs by index, fixed once the device is built."""
         self._check_bars()
-        self.rom: bytes | None = None
+        self.rom = rom.ljust(rom_size_for(len(rom)), b"\0") if rom else None
         """The expansion ROM (region 6), padded to its BAR size; None without one."""
-        if rom:
-            self.rom = rom.ljust(rom_size_for(len(rom)), b"\0")
         self._claims = sorted(config_registers, key=lambda claim: claim.offset)
         self._check_claims()
         self._claim_spans = [(claim.span, claim) for claim in self._claims]
@@ -121,9 +123,7 @@ class PciDevice:
         if self._claims and self._claims[-1].span.stop > self.config.size:
             raise ValueError("config registers lie beyond config space")
         msi = next((c for c in capabilities if isinstance(c, Msi)), None)
-        msix = next((c for c in capabilities if isinstance(c, MsiX)), None)
-        if msix is not None:
-            self._check_msix(msix)
+        msix = self._checked_msix(capabilities)
         self.irqs = Interrupts(
             self.config, intx=intx, msi=msi, msix=msix, err=err_irq, req=req_irq
         )
@@ -142,6 +142,19 @@ class PciDevice:
         self.migration = MigrationController(self, migration) if migration else None
         """The migration state machine, for a device that declared `migration`."""
         self._bars = BarRouter(self.bars, self.shared, self.irqs, msix)
+        self._watch_interrupt_controls(msi, msix)
+        self.region_sizes, self.region_readers = self._region_tables()
+
+    def _region_tables(self) -> tuple[tuple[int, ...], tuple[RegionReader, ...]]:
+        """Each region's size by index (0: it does not exist), and what `read_region`
+        calls for each (offset, count): decided once the device is built."""
+        regions = range(self.num_regions)
+        sizes = tuple(self.region_flags_and_size(index)[1] for index in regions)
+        return sizes, tuple(self._reader(index) for index in regions)
+
+    def _watch_interrupt_controls(self, msi: Msi | None, msix: MsiX | None) -> None:
+        """The config registers that turn interrupts on and off, masks included, are
+        followed by the interrupt model."""
         self.watch_config(Reg.COMMAND, 2, self.irqs.command_changed)
         if msi is not None:
             base = self.config.offset_of(msi)
@@ -151,12 +164,6 @@ class PciDevice:
         if msix is not None:
             control = self.config.offset_of(msix) + MsiX.CONTROL
             self.watch_config(control, 2, self.irqs.msix_control_changed)
-        self.region_sizes = tuple(
-            self.region_flags_and_size(index)[1] for index in range(self.num_regions)
-        )
-        """Each region's size by index (0: it does not exist), fixed once built."""
-        self.region_readers = tuple(self._reader(index) for index in range(self.num_regions))
-        """What `read_region` calls for each region (offset, count), decided once."""
 
     def _check_bars(self) -> None:
         for index, bar in self.bars.items():
@@ -175,7 +182,11 @@ class PciDevice:
                 )
             previous_stop = claim.span.stop
 
-    def _check_msix(self, msix: MsiX) -> None:
+    def _checked_msix(self, capabilities: Sequence[Capability]) -> MsiX | None:
+        """The MSI-X capability, if any, once its table and PBA are seen to fit."""
+        msix = next((c for c in capabilities if isinstance(c, MsiX)), None)
+        if msix is None:
+            return None
         for name, index, offset, size in (
             ("table", msix.table_bar, msix.table_offset, msix.table_bytes),
             ("PBA", msix.pba_bar, msix.pba_offset, msix.pba_bytes),
@@ -193,6 +204,7 @@ class PciDevice:
             and table.start < (msix.pba_offset + msix.pba_bytes)
         ):
             raise ValueError("the MSI-X table and PBA overlap")
+        return msix
 
     def close(self) -> None:
         """Release what muser made for the device: the memory behind mappable BARs and
@@ -306,7 +318,7 @@ class PciDevice:
         """A client read, already checked against the region's bounds."""
         return self.region_readers[index](offset, count)
 
-    def _reader(self, index: int) -> Callable[[int, int], bytes | Awaitable[bytes]]:
+    def _reader(self, index: int) -> RegionReader:
         """What reads region `index`, decided once: a BAR's own handler, where muser
         emulates nothing in it, so that a guest's MMIO read costs one call."""
         if index == PciRegion.CONFIG:
