@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from muser.pci.config import BAR_IO_SPACE, BAR_MEMORY_64, BAR_PREFETCHABLE
 from muser.wire.constants import PAGE_SIZE
 
 ReadHandler = Callable[[int, int], bytes | Awaitable[bytes]]
@@ -157,8 +158,10 @@ class Bar:
         """The read-only low bits of the BAR register."""
         kind = self.kind
         if kind.is_io:
-            return 0x1
-        return (0x4 if kind.is_64bit else 0) | (0x8 if kind.prefetchable else 0)
+            return BAR_IO_SPACE
+        return (BAR_MEMORY_64 if kind.is_64bit else 0) | (
+            BAR_PREFETCHABLE if kind.prefetchable else 0
+        )
 
     @property
     def address_mask(self) -> int:

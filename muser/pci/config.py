@@ -13,13 +13,29 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from enum import IntEnum, IntFlag
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from muser.errors import VfioUserError
 from muser.pci.capabilities import Capability, ExtendedCapability, Image, PciExpress
 
-if TYPE_CHECKING:
-    from muser.device.regions import Bar
+BAR_IO_SPACE = 0x1
+"""Bit 0 of a BAR register: it decodes I/O space, not memory."""
+BAR_MEMORY_TYPE_MASK = 0x6
+BAR_MEMORY_64 = 0x4
+"""Bits 2:1 of a memory BAR: 10b, it spans two registers (64-bit)."""
+BAR_PREFETCHABLE = 0x8
+
+
+class BarRegister(Protocol):
+    """What config space needs of a BAR (`muser.Bar` is one): the bits its register
+    reads as, and which address bits the guest may write."""
+
+    @property
+    def type_bits(self) -> int: ...
+
+    @property
+    def address_mask(self) -> int: ...
+
 
 CONFIG_SPACE_SIZE = 256
 PCIE_CONFIG_SPACE_SIZE = 4096
@@ -160,7 +176,7 @@ class ConfigSpace:
         subsystem_id: int,
         revision: int,
         class_code: int,
-        bars: Mapping[int, Bar],
+        bars: Mapping[int, BarRegister],
         rom_size: int,
         interrupt_pin: int,
         capabilities: Sequence[Capability],
@@ -183,7 +199,7 @@ class ConfigSpace:
         self._set(Reg.SUBSYSTEM_ID, 2, subsystem_id)
         self._set(Reg.INTERRUPT_PIN, 1, interrupt_pin)
         command_writable = _COMMAND_WRITABLE
-        if any(bar.kind.is_io for bar in bars.values()):
+        if any(bar.type_bits & BAR_IO_SPACE for bar in bars.values()):
             command_writable |= CommandRegister.IO_SPACE
         self._set(Reg.COMMAND, 2, 0, writable=command_writable)
         self._set(Reg.STATUS, 2, 0, write_clears=STATUS_WRITE_1_TO_CLEAR)
@@ -193,7 +209,7 @@ class ConfigSpace:
         for index, bar in bars.items():
             register = Reg.BAR0 + 4 * index
             self._set(register, 4, bar.type_bits, writable=bar.address_mask & 0xFFFFFFFF)
-            if bar.kind.is_64bit:
+            if bar.type_bits & (BAR_IO_SPACE | BAR_MEMORY_TYPE_MASK) == BAR_MEMORY_64:
                 self._set(register + 4, 4, 0, writable=bar.address_mask >> 32)
         if rom_size:
             self._set(

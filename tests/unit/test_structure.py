@@ -11,7 +11,8 @@ SOURCE = Path(__file__).resolve().parents[2] / "muser"
 
 LAYERS = [
     ("wire", ("muser.errors", "muser.log_limit", "muser.wire")),
-    ("device", ("muser.pci", "muser.device")),
+    ("pci", ("muser.pci",)),
+    ("device", ("muser.device",)),
     ("session", ("muser.session",)),
     (
         "adapter",
@@ -35,8 +36,9 @@ LAYERS = [
         ),
     ),
 ]
-"""Bottom to top: the wire format, the device model, the sans-IO session, the asyncio
-adapters, and what serves and runs them. The package itself (`muser`) sits on top."""
+"""Bottom to top: the wire format, PCI's config space and capabilities, the device
+model, the sans-IO session, the asyncio adapters, and what serves and runs them. The
+package itself (`muser`) sits on top."""
 NO_IO_IN_SESSION = {"asyncio", "socket", "selectors", "structlog", "uvloop", "time"}
 MAX_CLASS_LINES = 350
 MAX_FUNCTION_LINES = 80
