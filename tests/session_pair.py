@@ -185,9 +185,9 @@ class ServerDriver(Driver):
             else:
                 self.session.fail(call, exc)
 
-        task = self.handler_task = Task(call.awaitable, done)
-        self.tasks.append(task)
-        self._step(task)
+        # stepped by the next pump, as a loop runs a new task on its next turn
+        self.handler_task = Task(call.awaitable, done)
+        self.tasks.append(self.handler_task)
 
     def _step(self, task: Task) -> None:
         self._in_handler = task is self.handler_task

@@ -279,7 +279,7 @@ class ServerSession(Session):
     def _reply(self, frame: Frame, outcome: Outcome) -> None:
         if frame.no_reply:
             return
-        if type(outcome) is Packed:
+        if isinstance(outcome, Packed):
             self.send_message((outcome.message,))
         elif isinstance(outcome, Reply):
             self.send(
@@ -290,7 +290,6 @@ class ServerSession(Session):
                 fds=outcome.fds,
             )
         else:
-            assert not isinstance(outcome, Packed)
             payload = b"" if outcome is None else outcome.build_parts()
             self.send(frame.msg_id, frame.command, FLAGS_REPLY, payload)
 
