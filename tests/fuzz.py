@@ -132,12 +132,15 @@ async def _batch(path: str, frames: list[bytes], rng: random.Random, kind: str) 
         if kind == READS and drain is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
-            try:
-                await asyncio.wait_for(drain, PROBE_TIMEOUT)
-            except (ConnectionError, TimeoutError):
-                drain.cancel()
-        elif drain is not None:
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(drain), PROBE_TIMEOUT)
+        if drain is not None:
+            # The read must be over before the socket closes: asyncio's selector would
+            # keep the closed fd registered, and the next socket given that number (the
+            # server's or the probe's, in this process) would never be polled.
             drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await drain
         sock.close()
     return sent
 
