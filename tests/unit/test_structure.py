@@ -5,6 +5,7 @@ below, the session core does no I/O, and no class or function outgrows a reading
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[2] / "muser"
@@ -162,3 +163,19 @@ def test_a_lazy_import_that_closes_a_cycle_is_found(tmp_path: Path) -> None:
     known = {name: tmp_path / f"{name}.py" for name in "abc"}
     edges = {name: imported(name, path, known) & set(known) for name, path in known.items()}
     assert cycle_in(edges) == ["a", "b", "c", "a"]
+
+
+def test_every_package_is_installed() -> None:
+    """`pip install .` ships only the packages pyproject.toml names: one left out
+    imports from a checkout and fails everywhere else."""
+    pyproject = tomllib.loads((SOURCE.parent / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    on_disk = {
+        ".".join(path.parent.relative_to(SOURCE.parent).parts)
+        for path in SOURCE.rglob("__init__.py")
+    }
+    samples = {
+        "muser_samples" + ".".join(("", *path.parent.relative_to(SOURCE.parent / "samples").parts))
+        for path in (SOURCE.parent / "samples").rglob("__init__.py")
+    }
+    assert on_disk | samples == listed
