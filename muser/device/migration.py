@@ -527,14 +527,16 @@ class MigrationController:
         self._resuming.write(data)
 
     def _carried_size(self) -> int:
-        """The bytes of the stream muser carries for this device, framing included."""
+        """The bytes of the stream muser carries for this device, framing included:
+        mappable BAR memory crosses twice when the source pre-copies it."""
         if not self._framed:
             return 0
         size = RecordHeader.SIZE  # the end record
         if self._carried:
             device = self._device
+            copies = 2 if self.support.pre_copy else 1
             records = [len(payload) for _tag, payload in carried_state(device)]
-            records += [shared.size for shared in device.shared.values()]
+            records += [shared.size for shared in device.shared.values()] * copies
             size += sum(records) + len(records) * RecordHeader.SIZE
         return size
 

@@ -264,6 +264,32 @@ async def test_a_bar_larger_than_a_piece_arrives_whole(
     assert destination.registers == source.registers
 
 
+def bar_device(name: str) -> muser.PciDevice:
+    """A mappable BAR of 1 MiB and a device that keeps no state of its own."""
+    return muser.PciDevice(
+        vendor_id=0x1234,
+        device_id=0x5679,
+        bars={2: Bar(1 << 20, shared=SharedMemory())},
+        migration=Migration(max_device_data=4096),
+        name=name,
+    )
+
+
+async def test_a_pre_copied_bar_is_not_charged_to_the_devices_bound(sock_dir: str) -> None:
+    """Mappable BAR memory crosses in pre-copy and again in stop-copy; the
+    destination's bound on the device's own data must not be charged for it."""
+    source, destination = bar_device("src"), bar_device("dst")
+    source.shared[2].memory[:6] = b"pages!"
+    async with (
+        Server(source, os.path.join(sock_dir, "src.sock")) as src_server,
+        Server(destination, os.path.join(sock_dir, "dst.sock")) as dst_server,
+        await Client.connect(src_server.path) as src,
+        await Client.connect(dst_server.path) as dst,
+    ):
+        await muser.migrate(src, dst, pre_copy_rounds=1)
+    assert bytes(destination.shared[2].memory[:6]) == b"pages!"
+
+
 def stream(*records: tuple[int, bytes]) -> bytes:
     """A migration stream of these records, then its end."""
     return b"".join(
