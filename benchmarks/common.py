@@ -1,8 +1,9 @@
-"""What every benchmark script shares: its loops, machine facts, percentiles, arguments,
-the per-loop runner, and the round-trip timing and echo baseline of the read scripts.
+"""What every benchmark script shares: arguments, machine facts, one Result and Row
+shape, the per-loop runner with interleaved repetitions, the table printer, and the
+raw baselines muser is held against.
 
-The scripts run as `python benchmarks/<name>.py`, so this directory is first on
-sys.path and they import it as `common`.
+Scripts run as `python benchmarks/<name>.py`, so this directory is first on
+sys.path and they import this module as `common`.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import os
 import platform
 import socket
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,181 +29,145 @@ import uvloop
 
 from muser.wire import encode_header
 from muser.wire.constants import ERROR_BIT, HEADER_SIZE, PROTOCOL_MAJOR, PROTOCOL_MINOR, Command
-from muser.wire.messages import HEADER_CODEC, RegionAccess, Version
+from muser.wire.messages import HEADER_CODEC, Version
 
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
 }
+ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 16)
+"""Room for 16 fds, as a vfio-user endpoint must offer on every receive."""
 
-QUICK_HELP = "tiny counts, for a smoke test (overrides counts)"
+RoundTrip = Callable[[], Awaitable[object]]
+Burst = Callable[[int], Awaitable[list[int] | None]]
+"""Does `count` operations back to back; returns each one's latency in ns if it timed them."""
+Settle = Callable[[int], Awaitable[None]]
+"""Untimed, after a burst of `count` operations: checks their effect, readies the next."""
+
+
+def argument_parser(doc: str, loops: str = "asyncio,uvloop") -> argparse.ArgumentParser:
+    """--loops, --json, --quick and --pin, the same in every script."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--loops", default=loops, help="comma-separated: asyncio, uvloop")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="tiny counts, for a smoke test")
+    parser.add_argument("--pin", type=int, metavar="CPU", help="run on this CPU only")
+    return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The checked arguments, --loops as a list; pins the process if asked."""
+    args = parser.parse_args()
+    args.loops = args.loops.split(",")
+    unknown = set(args.loops) - LOOP_FACTORIES.keys()
+    if unknown:
+        parser.error(f"unknown loops: {', '.join(sorted(unknown))}")
+    if args.pin is not None:
+        if args.pin not in os.sched_getaffinity(0):
+            parser.error(f"CPU {args.pin} is not one this process may run on")
+        os.sched_setaffinity(0, {args.pin})
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    return args
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        models = (
+            line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")
+        )
+        return next(models, platform.machine())
 
 
 def machine_facts(pinned: int | None) -> dict[str, Any]:
     return {
-        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
         "pinned_cpu": pinned,
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
         "uvloop": importlib.metadata.version("uvloop"),
     }
 
 
-def percentile(ordered: Sequence[int], percent: float) -> int:
-    """Nearest-rank percentile of sorted samples."""
-    return ordered[max(1, math.ceil(len(ordered) * percent / 100)) - 1]
+@dataclass
+class Result:
+    """One quantity on one loop: its median across repetitions, each repetition's
+    value and, where operations were timed one by one, their p50/p99 latency."""
 
+    median: float
+    per_repetition: list[float]
+    p50_us: float | None = None
+    p99_us: float | None = None
 
-def print_machine(machine: dict[str, Any], loop_classes: dict[str, str]) -> None:
-    """The lines every script's table starts with: where and on what it ran."""
-    pinned = machine["pinned_cpu"]
-    print(
-        f"machine: {machine['cpu_count']} CPUs, {machine['cpus_usable']} usable, "
-        f"{'pinned to CPU ' + str(pinned) if pinned is not None else 'not pinned'}; "
-        f"{machine['implementation']} {machine['python']}; uvloop {machine['uvloop']}"
-    )
-    print(f"platform: {machine['platform']}")
-    print("loops: " + ", ".join(f"{name} = {loop}" for name, loop in loop_classes.items()))
+    @classmethod
+    def of(cls, values: list[float], latencies_ns: Sequence[int] = ()) -> Result:
+        """From each repetition's value and, if timed, every operation's latency."""
+        ordered = sorted(latencies_ns)
 
+        def percentile(percent: int) -> float | None:  # nearest rank
+            rank = math.ceil(len(ordered) * percent / 100)
+            return ordered[max(1, rank) - 1] / 1000 if ordered else None
 
-def add_common_arguments(
-    parser: argparse.ArgumentParser,
-    quick_help: str = QUICK_HELP,
-    pin_help: str = "run the process on this CPU only",
-) -> None:
-    """--loops, --json, --quick and --pin, the same in every script."""
-    parser.add_argument(
-        "--loops", default="asyncio,uvloop", help="comma-separated: asyncio, uvloop"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--pin", type=int, metavar="CPU", help=pin_help)
-
-
-def parse_count_arguments(
-    doc: str, counts: dict[str, tuple[int, str]], repetitions: int = 5
-) -> argparse.Namespace:
-    """The command line of a script whose settings are counts: `--NAME N` for each
-    count (its default and help), `--repetitions`, and the common options, all
-    checked, every count and the repetitions at least 1."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    for name, (default, help_text) in counts.items():
-        parser.add_argument(f"--{name}", type=int, default=default, help=help_text)
-    parser.add_argument("--repetitions", type=int, default=repetitions)
-    add_common_arguments(parser)
-    args = parser.parse_args()
-    check_common_arguments(parser, args)
-    names = [*counts, "repetitions"]
-    if min(getattr(args, name.replace("-", "_")) for name in names) < 1:
-        options = ", ".join(f"--{name}" for name in names[:-1])
-        parser.error(f"{options} and --repetitions must be at least 1")
-    return args
-
-
-def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Splits --loops into names and checks them and --pin, or exits with a usage error."""
-    args.loops = args.loops.split(",")
-    unknown = set(args.loops) - LOOP_FACTORIES.keys()
-    if unknown:
-        parser.error(f"unknown loops: {', '.join(sorted(unknown))}")
-    if args.pin is not None and args.pin not in os.sched_getaffinity(0):
-        parser.error(f"CPU {args.pin} is not one this process may run on")
-
-
-def run_per_loop(
-    args: argparse.Namespace,
-    settings: dict[str, Any],
-    bench_loop: Callable[..., Coroutine[Any, Any, dict[str, Any]]],
-    print_table: Callable[[dict[str, Any]], None],
-) -> None:
-    """Run `bench_loop(directory, **settings)` on each chosen loop (pinned if asked)
-    and print the report as JSON or as the script's table."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    machine = machine_facts(args.pin)
-    if args.pin is not None:
-        os.sched_setaffinity(0, {args.pin})
-    started = time.perf_counter()
-    loops: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="muser-bench-") as directory:
-        for name in args.loops:
-            with asyncio.Runner(loop_factory=LOOP_FACTORIES[name]) as runner:
-                loops[name] = runner.run(bench_loop(directory, **settings))
-    report = {
-        "machine": machine,
-        "settings": settings,
-        "loops": loops,
-        "elapsed_s": time.perf_counter() - started,
-    }
-    emit(report, args, print_table)
-
-
-def emit(
-    report: dict[str, Any],
-    args: argparse.Namespace,
-    print_table: Callable[[dict[str, Any]], None],
-) -> None:
-    """A script's report: JSON for the runner (`--json`), else its table."""
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-
-
-RoundTrip = Callable[[], Awaitable[object]]
-
-REQUEST_SIZE = 32
-"""A REGION_READ request: 16-byte header, offset/region/count."""
-ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 16)
-"""Room for 16 fds, as a vfio-user endpoint must offer on every receive."""
+        return cls(statistics.median(values), values, percentile(50), percentile(99))
 
 
 @dataclass
-class Result:
-    """One round-trip benchmark on one loop."""
+class Row:
+    """One line of a table: muser's figure, the baseline it is held against, their ratio."""
 
-    round_trips_per_s: float
-    """The median across repetitions."""
-    per_repetition: list[float]
-    spread: float
-    """(max - min) / median of the repetitions' round trips/s."""
-    p50_us: float
-    p99_us: float
+    benchmark: str
+    against: str
+    """What the baseline is."""
+    loop: str
+    unit: str
+    muser: Result
+    baseline: Result | None
+    ratio: float | None
+    """The median of the repetitions' own muser/baseline ratios (`paired_ratio`)."""
 
 
 class Series:
-    """Round-trip timings gathered repetition by repetition."""
+    """One benchmark, timed repetition by repetition: each repetition is one
+    `burst(count)`, and its value is `count * per_op` per second."""
 
-    def __init__(self, round_trip: RoundTrip) -> None:
-        self.round_trip = round_trip
-        self.rates: list[float] = []
+    def __init__(
+        self, burst: Burst, count: int, *, per_op: float = 1.0, settle: Settle | None = None
+    ) -> None:
+        self.burst = burst
+        self.count = count
+        self.per_op = per_op
+        self.settle = settle
+        self.values: list[float] = []
         self.latencies_ns: list[int] = []
 
-    async def run(self, count: int) -> None:
-        """Time `count` sequential round trips, each on its own and all together."""
-        clock = time.perf_counter_ns
-        round_trip = self.round_trip
-        latencies = [0] * count
-        start = clock()
-        for i in range(count):
-            before = clock()
-            await round_trip()
-            latencies[i] = clock() - before
-        elapsed = clock() - start
-        self.rates.append(count * 1e9 / elapsed)
-        self.latencies_ns.extend(latencies)
+    async def once(self, count: int) -> tuple[int, list[int] | None]:
+        """A burst of `count` (settled after): the ns it took, and its latencies."""
+        start = time.perf_counter_ns()
+        latencies = await self.burst(count)
+        elapsed = time.perf_counter_ns() - start
+        if self.settle is not None:
+            await self.settle(count)
+        return elapsed, latencies
+
+    async def run(self) -> None:
+        elapsed, latencies = await self.once(self.count)
+        self.values.append(self.count * self.per_op * 1e9 / elapsed)
+        self.latencies_ns.extend(latencies or ())
 
     def result(self) -> Result:
-        ordered = sorted(self.latencies_ns)
-        median = statistics.median(self.rates)
-        return Result(
-            round_trips_per_s=median,
-            per_repetition=self.rates,
-            spread=(max(self.rates) - min(self.rates)) / median,
-            p50_us=percentile(ordered, 50) / 1000,
-            p99_us=percentile(ordered, 99) / 1000,
-        )
+        return Result.of(self.values, self.latencies_ns)
+
+
+async def run_interleaved(series: Iterable[Series], warm_up: int, repetitions: int) -> None:
+    """Warm every series up, then run their repetitions in turn, so that noise on a
+    shared machine hits them alike."""
+    ordered = list(series)
+    for one in ordered:
+        await one.once(warm_up)
+    for _ in range(repetitions):
+        for one in ordered:
+            await one.run()
 
 
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
@@ -215,96 +179,282 @@ def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> fl
     )
 
 
-async def run_interleaved(
-    series: dict[str, Series], warm_up: int, repetitions: int, round_trips: int
-) -> dict[str, dict[str, Any]]:
-    """Warm every series up, then run their repetitions in turn, so that noise on a
-    shared machine hits them alike; return each one's result as a dict."""
-    for one in series.values():
-        for _ in range(warm_up):
-            await one.round_trip()
-    for _ in range(repetitions):
-        for one in series.values():
-            await one.run(round_trips)
-    return {name: asdict(one.result()) for name, one in series.items()}
+def loop_name() -> str:
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
 
 
-class RawRequester:
-    """A client without any framework: one socket driven by `add_reader` + `recvmsg`,
-    sending prebuilt request bytes and waiting for a reply of known size. The echo
-    baseline and muser's server are both timed through it, so that the two differ
-    only in what answers."""
+def compare(benchmark: str, against: str, unit: str, muser: Series, baseline: Series) -> Row:
+    """A row for the running loop from two series that ran interleaved."""
+    ratio = paired_ratio(muser.values, baseline.values)
+    return Row(benchmark, against, loop_name(), unit, muser.result(), baseline.result(), ratio)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+
+def round_trip_burst(round_trip: RoundTrip, *, timed: bool = True) -> Burst:
+    """A burst of sequential round trips, each one timed unless told not to."""
+
+    async def burst(count: int) -> list[int] | None:
+        if not timed:
+            for _ in range(count):
+                await round_trip()
+            return None
+        clock = time.perf_counter_ns
+        latencies = [0] * count
+        for i in range(count):
+            before = clock()
+            await round_trip()
+            latencies[i] = clock() - before
+        return latencies
+
+    return burst
+
+
+def run_per_loop(
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+    bench_loop: Callable[..., Coroutine[Any, Any, list[Row]]],
+) -> None:
+    """Run `bench_loop(directory, **settings)` on each chosen loop and print its rows."""
+    started = time.perf_counter()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="muser-bench-") as directory:
+        for name in args.loops:
+            with asyncio.Runner(loop_factory=LOOP_FACTORIES[name]) as runner:
+                rows += runner.run(bench_loop(directory, **settings))
+    emit(args, settings, rows, started)
+
+
+def emit(
+    args: argparse.Namespace, settings: dict[str, Any], rows: list[Row], started: float
+) -> None:
+    """The report: one JSON object with `--json`, else a plain table."""
+    report: dict[str, Any] = {
+        "machine": machine_facts(args.pin),
+        "settings": settings,
+        "rows": [asdict(row) for row in rows],
+        "elapsed_s": time.perf_counter() - started,
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(f"machine: {json.dumps(report['machine'])}")
+    print(f"settings: {json.dumps(settings)}; {report['elapsed_s']:.1f} s")
+    print("\n".join(table(report["rows"])))
+
+
+def number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value >= 1 else f"{value:.3g}"
+
+
+def latency(result: dict[str, Any] | None) -> str:
+    if result is None or result["p50_us"] is None:
+        return "-"
+    return f"{result['p50_us']:.1f} / {result['p99_us']:.1f}"
+
+
+def spread(result: dict[str, Any]) -> str:
+    """(max - min) / median of the repetitions: how far to trust the median."""
+    values = result["per_repetition"]
+    return f"{(max(values) - min(values)) / result['median']:.1%}" if result["median"] else "-"
+
+
+HEADER = (
+    "benchmark", "against", "loop", "unit", "muser", "baseline", "muser/baseline",
+    "spread", "p50 / p99 µs", "baseline p50 / p99 µs",
+)  # fmt: skip
+
+
+def table(rows: Iterable[dict[str, Any]], *, markdown: bool = False) -> list[str]:
+    """Report rows (as JSON gives them) as a Markdown table or a plain aligned one."""
+    cells = [list(HEADER)]
+    for row in rows:
+        muser, baseline, ratio = row["muser"], row["baseline"], row["ratio"]
+        cells.append(
+            [
+                row["benchmark"],
+                row["against"],
+                row["loop"],
+                row["unit"],
+                number(muser["median"]),
+                number(baseline and baseline["median"]),
+                "-" if ratio is None else f"{ratio:.3f}",
+                spread(muser),
+                latency(muser),
+                latency(baseline),
+            ]
+        )
+    if markdown:
+        lines = ["| " + " | ".join(line) + " |" for line in cells]
+        return [lines[0], "|" + "---|" * 4 + "---:|" * (len(HEADER) - 4), *lines[1:]]
+    widths = [max(len(line[column]) for line in cells) for column in range(len(HEADER))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in cells
+    ]
+
+
+class RawSocket:
+    """One non-blocking socket on the loop, without any framework: sends what it is
+    given (the rest once writable), receives exactly the bytes it expects into one
+    buffer with `recvmsg_into`, then calls `received` (by default: the round trip
+    under way is over) and expects as many again. As a client it drives both muser's
+    server and the socket baseline, so that the two differ only in what answers."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        largest: int = 4096,
+        received: Callable[[], None] | None = None,
+    ) -> None:
         self._loop = loop
         self._sock = sock
-        self._reply_size = 0
-        self._waiter: asyncio.Future[bytes] = loop.create_future()
-        loop.add_reader(sock.fileno(), self._answered)
+        self._received = received or self._answered
+        self._waiter: asyncio.Future[None] = loop.create_future()
+        self._buffer = memoryview(bytearray(largest))
+        self._whole = [self._buffer]
+        self._window = self._whole
+        """What is still to come of the expected bytes: one view, as `recvmsg_into` takes it."""
+        self._unsent = memoryview(b"")
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._readable)
 
-    def _answered(self) -> None:
-        size = self._reply_size
-        data, _ancillary, _flags, _address = self._sock.recvmsg(size, ANCILLARY_SIZE)
-        if len(data) == size:
-            self._waiter.set_result(data)
-        else:
-            self._waiter.set_exception(RuntimeError(f"short reply of {len(data)} bytes"))
+    def round_trip(self, request: bytes | memoryview, reply_size: int) -> RoundTrip:
+        """One round trip, to time; `reply()` then gives what came back."""
 
-    def round_trip(self, request: bytes, reply_size: int) -> Callable[[], Awaitable[bytes]]:
-        """One round trip of `request`, answered with `reply_size` bytes, to time."""
-        loop, sock = self._loop, self._sock
-
-        async def round_trip() -> bytes:
-            self._reply_size = reply_size
-            waiter: asyncio.Future[bytes] = loop.create_future()
-            self._waiter = waiter
-            sock.sendmsg([request])
-            return await waiter
+        async def round_trip() -> None:
+            self._waiter = waiter = self._loop.create_future()
+            self._whole = self._window = [self._buffer[:reply_size]]
+            self.send(request)
+            await waiter
 
         return round_trip
+
+    def reply(self) -> bytes:
+        return bytes(self._whole[0])
+
+    def _answered(self) -> None:
+        self._waiter.set_result(None)
+
+    def _readable(self) -> None:
+        count, _ancillary, _flags, _address = self._sock.recvmsg_into(self._window, ANCILLARY_SIZE)
+        if not count:
+            raise ConnectionError("the peer closed the socket")
+        window = self._window[0]
+        if count < len(window):
+            self._window = [window[count:]]
+        else:
+            self._window = self._whole
+            self._received()
+
+    def send(self, data: bytes | memoryview) -> None:
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            self._unsent = memoryview(data)[sent:]
+            self._loop.add_writer(self._sock.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        self._unsent = self._unsent[self._sock.send(self._unsent) :]
+        if not self._unsent:
+            self._loop.remove_writer(self._sock.fileno())
 
     def close(self) -> None:
         self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
 
 
-class EchoBaseline:
-    """Both ends of a socketpair on one loop: a `RawRequester` sending 32 bytes, and
-    an `add_reader` + `recvmsg`/`sendmsg` echo answering `reply_size` bytes. The
-    floor a perfect framework could reach for a REGION_READ on that loop."""
+class SocketBaseline:
+    """The floor of request/reply and of bulk copies: both ends of a socketpair on one
+    loop, a `RawSocket` sending `request_size` bytes and another answering each with
+    `reply_size` bytes, each received into one buffer, copied by nothing but the kernel."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, reply_size: int) -> None:
-        self._loop = loop
-        client, self._server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.setblocking(False)
-        self._server.setblocking(False)
-        self._reply = bytes(reply_size)
-        self._requester = RawRequester(loop, client)
-        self.round_trip = self._requester.round_trip(bytes(REQUEST_SIZE), reply_size)
-        loop.add_reader(self._server.fileno(), self._serve)
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, request_size: int, reply_size: int
+    ) -> None:
+        client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._reply = memoryview(bytes(reply_size))
+        self._client = RawSocket(loop, client, reply_size)
+        self._server = RawSocket(loop, server, request_size, self._requested)
+        self.round_trip = self._client.round_trip(bytes(request_size), reply_size)
 
-    def _serve(self) -> None:
-        self._server.recvmsg(REQUEST_SIZE, ANCILLARY_SIZE)
-        self._server.sendmsg([self._reply])
+    def _requested(self) -> None:
+        self._server.send(self._reply)
 
     def close(self) -> None:
-        self._requester.close()
-        self._loop.remove_reader(self._server.fileno())
+        self._client.close()
         self._server.close()
 
 
-async def raw_session(path: str) -> socket.socket:
-    """A connected socket on which VERSION has been negotiated by hand, for a
-    `RawRequester` to drive muser's server with prebuilt messages."""
+def eventfd_writes(eventfd: int) -> Burst:
+    """The floor of an interrupt: `os.eventfd_write` back to back, the system call
+    every trigger ends in."""
+
+    async def burst(count: int) -> None:
+        write = os.eventfd_write
+        for _ in range(count):
+            write(eventfd, 1)
+
+    return burst
+
+
+class EventfdReader:
+    """The floor of a doorbell: an eventfd the loop watches with `add_reader`, whose
+    callback reads the counter and calls `handler(None, count)`, as muser calls a
+    doorbell's."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, handler: Callable[[int | None, int], None]
+    ) -> None:
+        self._loop = loop
+        self._handler = handler
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        loop.add_reader(self.fd, self._readable)
+
+    def _readable(self) -> None:
+        self._handler(None, os.eventfd_read(self.fd))
+
+    def close(self) -> None:
+        self._loop.remove_reader(self.fd)
+        os.close(self.fd)
+
+
+def mmap_copies(memory: memoryview, size: int, walk: int) -> tuple[Burst, Burst]:
+    """The floor of mapped DMA: reads (`bytes` of a slice) and writes (slice
+    assignment) of `size` bytes on a plain mapping, walking `walk` bytes of it."""
+    data = bytes(size)
+
+    async def read(count: int) -> None:
+        for i in range(count):
+            offset = i * size % walk
+            bytes(memory[offset : offset + size])
+
+    async def write(count: int) -> None:
+        for i in range(count):
+            offset = i * size % walk
+            memory[offset : offset + size] = data
+
+    return read, write
+
+
+async def raw_session(path: str, capabilities: bytes = b"{}") -> socket.socket:
+    """A socket connected to muser's server on which VERSION has been negotiated by
+    hand, for a `RawSocket` to drive it with prebuilt messages."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     await loop.sock_connect(sock, path)
-    payload = Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, b"{}\0").build()
-    await loop.sock_sendall(sock, encode_header(0, Command.VERSION, len(payload), 0) + payload)
+    version = Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, capabilities + b"\0").build()
+    await loop.sock_sendall(sock, message(Command.VERSION, version))
     header = await loop.sock_recv(sock, HEADER_SIZE)
-    if len(header) != HEADER_SIZE:
-        raise RuntimeError("the server closed instead of answering VERSION")
     _msg_id, _command, size, flags, error = HEADER_CODEC.unpack(header)
     if flags & ERROR_BIT:
         raise RuntimeError(f"VERSION refused: errno {error}")
@@ -314,7 +464,6 @@ async def raw_session(path: str) -> socket.socket:
     return sock
 
 
-def region_read_request(region: int, offset: int, count: int) -> bytes:
-    """A whole REGION_READ message, built once and sent as it is on every round trip."""
-    payload = RegionAccess(offset, region, count).build()
-    return encode_header(0, Command.REGION_READ, len(payload), 0) + payload
+def message(command: int, payload: bytes, flags: int = 0) -> bytes:
+    """A whole message, built once and sent as it is on every round trip."""
+    return encode_header(0, command, len(payload), flags) + payload
