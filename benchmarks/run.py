@@ -23,7 +23,7 @@ from typing import Any
 from common import table
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("instructions", "regions", "writes", "irqs", "dma", "migration", "scale")
+SCRIPTS = ("instructions", "regions", "writes", "irqs", "dma", "migration", "scale", "nvme")
 INTRO = """# Benchmarks
 
 How fast is muser? Every table below was written by one command,

@@ -7,6 +7,7 @@ factory.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib
 import logging
@@ -33,21 +34,50 @@ def sample_names() -> list[str]:
     )
 
 
-def load_device_factory(spec: str) -> Callable[[], PciDevice]:
-    """A sample name (`null`) or an import string (`package.module:attr`)."""
+DeviceFactory = Callable[..., PciDevice]
+"""Makes a device; takes as keyword arguments the options its module adds."""
+OptionAdder = Callable[[argparse._ActionsContainer], None]
+"""A device module's `add_arguments(parser)`: the command-line options its factory
+takes, each with a default."""
+
+
+def _where(spec: str) -> tuple[str, str] | None:
+    """The module and attribute a device spec names, or None if it names none."""
     if ":" in spec:
         module_name, _, attribute = spec.partition(":")
-    elif spec in sample_names():
-        module_name, attribute = f"{SAMPLE_PACKAGE}.{spec}", "create"
-    else:
+        return module_name, attribute
+    if spec in sample_names():
+        return f"{SAMPLE_PACKAGE}.{spec}", "create"
+    return None
+
+
+def load_device_factory(spec: str) -> DeviceFactory:
+    """A sample name (`null`) or an import string (`package.module:attr`)."""
+    where = _where(spec)
+    if where is None:
         raise SystemExit(
             f"unknown device {spec!r}: not a sample ({', '.join(sample_names())}) "
             "and not package.module:attr"
         )
+    module_name, attribute = where
     factory = getattr(importlib.import_module(module_name), attribute)
     if not callable(factory):
         raise SystemExit(f"{spec} is not callable")
     return factory  # type: ignore[no-any-return]
+
+
+def device_options(spec: str) -> OptionAdder | None:
+    """The `add_arguments` of the module behind a device spec, if it names a device
+    whose module has one; None for anything else (an option's value, say)."""
+    where = _where(spec)
+    if where is None or not all(part.isidentifier() for part in where[0].split(".")):
+        return None
+    try:
+        module = importlib.import_module(where[0])
+    except ImportError:
+        return None
+    adder = getattr(module, "add_arguments", None)
+    return adder if callable(adder) else None
 
 
 def configure_logging(level: str, log_format: str) -> None:

@@ -21,6 +21,7 @@ from muser.device.dma import DmaLayout
 from muser.loading import (
     DEFAULT_SAMPLE,
     configure_logging,
+    device_options,
     load_device_factory,
     loop_factory,
     sample_names,
@@ -189,7 +190,26 @@ def _add_client_limits(group: argparse._ArgumentGroup) -> None:
     )
 
 
+def _add_device_options(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> dict[str, list[str]]:
+    """A group of options for each device named in `argv` whose module adds some
+    (`add_arguments`); the options' names for each."""
+    names: dict[str, list[str]] = {}
+    for token in argv:
+        adder = None if token.startswith("-") or token in names else device_options(token)
+        if adder is not None:
+            scratch = argparse.ArgumentParser(add_help=False)
+            adder(scratch)
+            names[token] = list(vars(scratch.parse_args([])))
+            adder(parser.add_argument_group(f"{token} options"))
+    return names
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; `device_options` maps each device to the options its factory
+    takes, as keyword arguments."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     samples = ", ".join(sample_names())
     parser = argparse.ArgumentParser(
         prog="python -m muser.run",
@@ -238,7 +258,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="append every message in and out to FILE as JSON lines "
         "(replay with python -m muser.trace replay FILE DEVICE)",
     )
+    option_names = _add_device_options(parser, argv)
     args = parser.parse_args(argv)
+    args.device_options = {
+        spec: {name: getattr(args, name) for name in option_names.get(spec, [])}
+        for spec in args.devices
+    }
     if args.socket and args.fd:
         parser.error("--socket and --fd do not mix")
     if len(args.socket) > len(args.devices) or len(args.fd) > len(args.devices):
@@ -251,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(args.log_level, args.log_format)
     devices: list[tuple[PciDevice, str | socket.socket]] = []
     for position, spec in enumerate(args.devices):
-        device = load_device_factory(spec)()
+        device = load_device_factory(spec)(**args.device_options[spec])
         if position < len(args.fd):
             devices.append((device, inherited_socket(args.fd[position])))
         elif position < len(args.socket):
