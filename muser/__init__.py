@@ -6,7 +6,15 @@ speaks the protocol from the other side, for tests and tools.
 """
 
 from muser.client import Client, MigrationReport, migrate
-from muser.device import Bar, BarKind, ConfigRegisters, PciDevice, ResetReason
+from muser.device import (
+    Bar,
+    BarKind,
+    ClientInfo,
+    ConfigRegisters,
+    DisconnectReason,
+    PciDevice,
+    ResetReason,
+)
 from muser.device.dma import DmaDeadlockError, DmaLayout
 from muser.device.irq import Delivery
 from muser.device.migration import Migration, MigrationStream
@@ -37,10 +45,12 @@ __all__ = [
     "Bar",
     "BarKind",
     "Client",
+    "ClientInfo",
     "ConfigRegisters",
     "ConnectionClosedError",
     "Delivery",
     "DeviceSerialNumber",
+    "DisconnectReason",
     "DmaDeadlockError",
     "DmaLayout",
     "DmaMapFlag",

@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Hashable
 from typing import Any
 
-from muser.device import PciDevice, ResetReason
+from muser.device import ClientInfo, DisconnectReason, PciDevice, ResetReason
 from muser.device.dma_messages import DmaLayout, DmaMessenger
 from muser.endpoint import Endpoint, Recorder
 from muser.session import HandlerCall, ServerSession, SessionSettings
@@ -44,6 +44,8 @@ class ServerConnection(Endpoint):
         self._handler: asyncio.Task[None] | None = None
         """The task awaiting a command handler, while one is."""
         self._draining: asyncio.Task[None] | None = None
+        self._connected: asyncio.Task[None] | None = None
+        """The device's `connected` hook, once the client has negotiated."""
         self.session = ServerSession(
             device,
             transport,
@@ -88,6 +90,28 @@ class ServerConnection(Endpoint):
             self._handler = None
             session.finish(call, outcome)
 
+    def negotiated(self) -> None:
+        context = self.session.context
+        peer = context.peer
+        assert peer is not None
+        client = ClientInfo(
+            pid=self.transport.peer_pid(),
+            version=context.peer_version,
+            max_data_xfer_size=peer.max_data_xfer_size,
+            max_msg_fds=peer.max_msg_fds,
+        )
+        self._connected = self._loop.create_task(self._hook("connected", client))
+
+    async def _hook(self, name: str, argument: object) -> None:
+        """Run one of the device's lifecycle hooks; what it raises is logged, and the
+        session goes on."""
+        try:
+            result = getattr(self.device, name)(argument)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            self.logger.exception(f"device's {name} hook failed", exc_info=exc)
+
     def wait_for_drain(self) -> None:
         if self._draining is None:
             self._draining = self._loop.create_task(self._drain())
@@ -131,12 +155,17 @@ class ServerConnection(Endpoint):
         self._loop.create_task(self._tell_device())
 
     async def _tell_device(self) -> None:
-        """Let a handler still running finish, then tell the device its client is gone."""
+        """Let a handler still running finish, then tell the device its client is gone:
+        its `disconnected` hook (if `connected` ran), then the lost-connection reset."""
         device = self.device
         if device.dma.messenger is self._messenger:
             device.dma.messenger = None
         if self._handler is not None:
             await asyncio.gather(self._handler, return_exceptions=True)
+        if self._connected is not None:
+            await asyncio.gather(self._connected, return_exceptions=True)
+            reason = self.session.close_reason or DisconnectReason.CLIENT_LEFT
+            await self._hook("disconnected", reason)
         try:
             result = device.handle_reset(ResetReason.LOST_CONNECTION)
             if inspect.isawaitable(result):

@@ -60,7 +60,18 @@ def load_device_factory(spec: str) -> DeviceFactory:
             "and not package.module:attr"
         )
     module_name, attribute = where
-    factory = getattr(importlib.import_module(module_name), attribute)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not f"{module_name}.".startswith(f"{exc.name}."):
+            raise  # the module is there; something it imports is not
+        raise SystemExit(
+            f'Could not import module "{module_name}" (python -m muser.run looks in the '
+            "current directory and on PYTHONPATH)"
+        ) from None
+    factory = getattr(module, attribute, None)
+    if factory is None:
+        raise SystemExit(f'Attribute "{attribute}" not found in module "{module_name}"')
     if not callable(factory):
         raise SystemExit(f"{spec} is not callable")
     return factory  # type: ignore[no-any-return]
@@ -81,10 +92,12 @@ def device_options(spec: str) -> OptionAdder | None:
 
 
 def configure_logging(level: str, log_format: str) -> None:
+    """Logs to stderr, as JSON or for the console (in colour only on a terminal:
+    escape codes in a log file or a pipe are noise)."""
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if log_format == "json"
-        else structlog.dev.ConsoleRenderer()
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         processors=[

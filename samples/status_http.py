@@ -32,11 +32,20 @@ REQUEST_TIMEOUT = 5.0
 
 
 class CountingGpio(Gpio):
-    """The gpio sample, counting the change-of-state interrupts it raises."""
+    """The gpio sample, counting the change-of-state interrupts it raises and
+    knowing its client through the lifecycle hooks."""
 
     def __init__(self) -> None:
         self.interrupts = 0
+        self.client: muser.ClientInfo | None = None
+        self.last_disconnect: muser.DisconnectReason | None = None
         super().__init__()
+
+    def connected(self, client: muser.ClientInfo) -> None:
+        self.client = client
+
+    def disconnected(self, reason: muser.DisconnectReason) -> None:
+        self.client, self.last_disconnect = None, reason
 
     def write_register(self, register: int, value: int) -> None:
         was_pending = self.irq_pending
@@ -72,7 +81,12 @@ class StatusService:
         return {
             "device": device.name,
             "socket": self.server.path,
-            "client_attached": self.server.connection is not None,
+            "client": None
+            if device.client is None
+            else {"pid": device.client.pid, "version": device.client.version},
+            "last_disconnect": None
+            if device.last_disconnect is None
+            else device.last_disconnect.value,
             "outputs": device.outputs,
             "inputs": device.inputs,
             "irq_enabled": device.irq_enabled,

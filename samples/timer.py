@@ -13,6 +13,8 @@ unmodified, migrating from it to its C twin or from the twin to it.
   runs, arms a timer for that moment; reading returns now minus the stored time.
 - BAR1, 0x3000 bytes of I/O backed by a file; the client may map [0, 0x1000) and
   [0x2000, 0x3000), the page between is served by messages.
+- The timer runs only while a client is attached: the `disconnected` hook disarms
+  it (and stops DMA in progress), `connected` re-arms it from the stored time.
 - When the timer fires the device raises INTx, writes 4 KiB ('A'..'D', 1 KiB
   each) straight into the second DMA window (dirtying its pages), then does four
   1 KiB DMA_WRITEs of 'A'..'D' into the first window and reads them back with two
@@ -153,6 +155,18 @@ class Timer(muser.PciDevice):
         image = stream[-IMAGE_SIZE:]
         self.shared_memory(1)[:] = image[:BAR1_SIZE]
         self.deadline = int.from_bytes(image[BAR1_SIZE:], "little", signed=True)
+
+    # The client's lifecycle: the timer runs only while a client is there to see it
+
+    def connected(self, client: muser.ClientInfo) -> None:
+        if self.deadline and (self.migration is None or self.migration.active):
+            self.arm()
+
+    async def disconnected(self, reason: muser.DisconnectReason) -> None:
+        self.disarm()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def reset(self, reason: muser.ResetReason) -> None:
         if reason is not muser.ResetReason.LOST_CONNECTION:

@@ -13,15 +13,52 @@ from collections.abc import Iterator
 from typing import Any
 
 import muser
+import muser.testing
+from muser.device.dma import DmaSpace, DmaView
+from muser.device.irq import Interrupts, IntxIrq, Irq
+from muser.pci.config import ConfigSpace
 
 _QUALIFIED = re.compile(r"\b(?:[a-z_]+\.)+([A-Z]\w*)")
 
 HEADER = """# API reference
 
-Everything below is importable from `muser` (`muser.__all__`). Generated from the
-code by `python -m tests.api_reference > docs/api.md`; a test keeps it current.
-The guide (`docs/guide.md`) shows how the pieces fit together.
+Generated from the code by `python -m tests.api_reference > docs/api.md`; a test
+keeps it current. Three parts: what `import muser` exports (`muser.__all__`); the
+objects a device's attributes hold (`device.config`, `device.irqs`, `device.dma`),
+which device code touches most; and `muser.testing`, the pytest plugin and
+helpers for testing a device. The guide (`docs/guide.md`) and its testing chapter
+(`docs/testing.md`) show how the pieces fit together.
+
+# `muser`
 """
+
+DEVICE_OBJECTS: list[tuple[str, type, tuple[str, ...]]] = [
+    ("device.config", ConfigSpace, ("register", "set_register", "offset_of", "capabilities")),
+    ("device.irqs", Interrupts, ()),
+    (
+        "device.irqs.intx, .msi, .msix, .err, .req",
+        Irq,
+        ("trigger", "explain", "has_eventfd", "is_masked", "is_pending"),
+    ),
+    ("device.irqs.intx", IntxIrq, ("set_level",)),
+    (
+        "device.dma",
+        DmaSpace,
+        (
+            "read",
+            "write",
+            "view",
+            "read_direct",
+            "write_direct",
+            "translate",
+            "windows",
+            "quiesce",
+        ),
+    ),
+    ("device.dma.view(...)", DmaView, ()),
+]
+"""The objects behind a device's attributes, with the members device code uses (the
+rest are muser's own)."""
 
 
 def _summary(obj: Any) -> str:
@@ -50,9 +87,9 @@ def _inherited_summary(cls: type, name: str) -> str:
     return ""
 
 
-def _members(cls: type) -> Iterator[str]:
+def _members(cls: type, only: tuple[str, ...] | None = None) -> Iterator[str]:
     for name, value in vars(cls).items():
-        if name.startswith("_"):
+        if name.startswith("_") or (only is not None and name not in only):
             continue
         if isinstance(value, property):
             yield f"- `{name}` (property): {_inherited_summary(cls, name)}"
@@ -77,9 +114,26 @@ def _section(name: str, obj: Any) -> str:
     return f"## `{prefix}{name}{_signature(obj)}`\n\n{_summary(obj)}\n"
 
 
+def _object_section(where: str, cls: type, only: tuple[str, ...]) -> str:
+    lines = [f"## `{where}`: `{cls.__name__}`", "", _summary(cls), ""]
+    lines.extend(_members(cls, only))
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def reference() -> str:
     sections = [_section(name, getattr(muser, name)) for name in sorted(muser.__all__)]
-    return "\n".join([HEADER, *sections])
+    objects = [_object_section(where, cls, only) for where, cls, only in DEVICE_OBJECTS]
+    testing = [_section(name, getattr(muser.testing, name)) for name in muser.testing.__all__]
+    return "\n".join(
+        [
+            HEADER,
+            *sections,
+            "# What a device's attributes hold\n",
+            *objects,
+            "# `muser.testing`\n\n" + _summary(muser.testing) + "\n",
+            *testing,
+        ]
+    )
 
 
 if __name__ == "__main__":

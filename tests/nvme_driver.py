@@ -13,7 +13,7 @@ import random
 import struct
 from dataclasses import dataclass, field
 
-from muser import IrqIndex, PciRegion
+from muser import IrqIndex
 from muser.testing import DeviceSession, Interrupt
 from muser_samples.nvme.spec import (
     CC_EN,
@@ -28,8 +28,6 @@ from muser_samples.nvme.spec import (
 )
 
 CC_IO_ENTRY_SIZES = 6 << 16 | 4 << 20
-CAP_POINTER, CAP_ID_MSIX = 0x34, 0x11
-MSIX_ENABLE = 0x8000
 WAIT = 5.0
 
 
@@ -77,7 +75,6 @@ class NvmeHost:
         self.base = base
         self._free = base
         self.queues: dict[int, HostQueue] = {}
-        self.msix_table = 0
 
     @classmethod
     async def attach(
@@ -122,26 +119,6 @@ class NvmeHost:
         await self.write32(offset, value & 0xFFFFFFFF)
         await self.write32(offset + 4, value >> 32)
 
-    async def enable_msix(self) -> None:
-        """Find MSI-X in config space, turn it on and unmask every vector."""
-        config = PciRegion.CONFIG
-        offset = (await self.client.region_read(config, CAP_POINTER, 1))[0]
-        while offset:
-            cap_id, following = await self.client.region_read(config, offset, 2)
-            if cap_id == CAP_ID_MSIX:
-                break
-            offset = following
-        else:
-            raise AssertionError("no MSI-X capability")
-        control = int.from_bytes(await self.client.region_read(config, offset + 2, 2), "little")
-        table = int.from_bytes(await self.client.region_read(config, offset + 4, 4), "little")
-        self.msix_table = table & ~0x7
-        await self.client.region_write(
-            config, offset + 2, (control | MSIX_ENABLE).to_bytes(2, "little")
-        )
-        for vector in range((control & 0x7FF) + 1):
-            await self.write32(self.msix_table + 16 * vector + 12, 0)
-
     async def wait_ready(self, ready: bool) -> None:
         async with asyncio.timeout(WAIT):
             while bool(await self.read32(Reg.CSTS) & CSTS_RDY) != ready:
@@ -151,7 +128,7 @@ class NvmeHost:
         """What a driver does at probe: disable, admin queue, enable, wait until
         ready. Without `msix` the admin queue's interrupt is INTx."""
         if msix:
-            await self.enable_msix()
+            await self.session.enable_msix()
         await self.write32(Reg.CC, 0)
         await self.wait_ready(False)
         sq, cq = self.allocate(admin_entries * SQE_SIZE), self.allocate(admin_entries * CQE_SIZE)

@@ -176,6 +176,11 @@ class ServerDriver(Driver):
         """The task awaiting a command's handler, while there is one."""
         self._in_handler = False
         self.drain_wanted = False
+        self.negotiations = 0
+        """How often the session said its peer negotiated (once, or never)."""
+
+    def negotiated(self) -> None:
+        self.negotiations += 1
 
     def run(self, call: HandlerCall) -> None:
         def done(outcome: Outcome, exc: Exception | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
 
@@ -40,6 +41,27 @@ class ResetReason(Enum):
     at power-on."""
     LOST_CONNECTION = "lost connection"
     """The client went away; device state is kept for the next client."""
+
+
+class DisconnectReason(Enum):
+    """Why a client's session ended (`PciDevice.disconnected`)."""
+
+    CLIENT_LEFT = "the client closed the connection"
+    SERVER_CLOSING = "the server is closing"
+    TIMED_OUT = "a message did not arrive whole in time"
+    PROTOCOL_ERROR = "the client's messages could not be followed"
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """Who the device's client is, as negotiation found it (`PciDevice.connected`)."""
+
+    pid: int | None
+    """The client's process, from the socket's credentials (None where unknown)."""
+    version: str
+    """The protocol version it asked for, "major.minor"."""
+    max_data_xfer_size: int
+    max_msg_fds: int
 
 
 def _check_identity(**fields: tuple[int, int]) -> None:
@@ -192,6 +214,12 @@ class PciDevice:
             ("PBA", msix.pba_bar, msix.pba_offset, msix.pba_bytes),
         ):
             bar = self.bars.get(index)
+            below = self.bars.get(index - 1)
+            if bar is None and below is not None and below.kind.is_64bit:
+                raise ValueError(
+                    f"the MSI-X {name} is in BAR{index}, but BAR{index} is the upper half "
+                    f"of 64-bit BAR{index - 1}: put it in BAR{index - 1} (or another BAR)"
+                )
             if bar is None or bar.kind.is_io:
                 raise ValueError(f"the MSI-X {name} needs memory BAR{index}")
             if offset + size > bar.size:
@@ -234,6 +262,18 @@ class PciDevice:
         at `offset` (e.g. Command, MSI Message Control, PMCSR)."""
         self.config.check(offset, size)
         self._watchers.append((range(offset, offset + size), watcher))
+
+    def connected(self, client: ClientInfo) -> Awaitable[None] | None:
+        """Override to start what runs while a client drives the device (timers,
+        background tasks). Called once the client has negotiated; may be `async
+        def`, and then runs as a task of its own while commands are served."""
+        return None
+
+    def disconnected(self, reason: DisconnectReason) -> Awaitable[None] | None:
+        """Override to stop what `connected` started. Called once the client that
+        negotiated is gone (after `connected` has finished), before the
+        LOST_CONNECTION reset; may be `async def`."""
+        return None
 
     def reset(self, reason: ResetReason) -> Awaitable[None] | None:
         """Override to put the device's own registers back to their power-on state.

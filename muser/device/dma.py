@@ -121,6 +121,7 @@ class DmaSpace:
 
     @property
     def windows(self) -> list[DmaWindow]:
+        """The mapped windows, in address order (`address`, `size` and more each)."""
         return list(self._windows)
 
     @property

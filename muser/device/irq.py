@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Any
 
 import construct as cs
+import structlog
 
 from muser.errors import VfioUserError
 from muser.pci.capabilities import Msi, MsiX
@@ -33,6 +34,8 @@ from muser.wire.constants import (
     IrqSetFlag,
 )
 from muser.wire.messages import IrqSet
+
+_log = structlog.get_logger("muser")
 
 _EVENTFD_LINK = "anon_inode:[eventfd]"
 _KNOWN_SET_FLAGS = int(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK)
@@ -91,12 +94,19 @@ def _signal(fd: int) -> None:
         pass  # a saturated counter: the consumer has an interrupt waiting anyway
 
 
+_DECLARED_BY = {
+    IrqIndex.INTX: "it with PciDevice(intx=True)",
+    IrqIndex.MSI: "an Msi() among PciDevice(capabilities=...)",
+    IrqIndex.MSIX: "an MsiX() among PciDevice(capabilities=...)",
+}
+"""How a device gets each index, for the error that says it has none."""
 _eventfd_write = os.eventfd_write
 _DELIVERED = Delivery.DELIVERED
 
 
 class Irq:
-    """One IRQ index of a device. `trigger(vector)` raises an interrupt."""
+    """One IRQ index of a device. `trigger(vector)` raises an interrupt and says
+    what became of it; `delivered` and `dropped` count them."""
 
     def __init__(
         self, controller: Interrupts, index: IrqIndex, count: int, info_flags: IrqInfoFlag
@@ -127,14 +137,18 @@ class Irq:
         """Interrupts delivered since the device was created."""
         self.dropped = 0
         """Interrupts dropped since the device was created."""
+        self._dropped_reasons: set[str] = set()
+        """Why triggers were dropped by the guest's settings, each logged once."""
 
     def __repr__(self) -> str:
         return f"<Irq {self.index.name} count={self.count} enabled={self.enabled}>"
 
     def has_eventfd(self, vector: int) -> bool:
+        """Whether the client wired an eventfd to `vector` (SET_IRQS)."""
         return self._triggers[vector] is not None
 
     def is_pending(self, vector: int) -> bool:
+        """Whether an interrupt on `vector` is held, to be delivered when unmasked."""
         return self._pending[vector]
 
     def is_masked(self, vector: int) -> bool:
@@ -161,13 +175,19 @@ class Irq:
         open vector: as open while unmasked, and as let through by the gates, for
         the unmask that follows a delivery that masked it (INTx's)."""
         if not 0 <= vector < self.count:
-            raise ValueError(f"{self.index.name} has no vector {vector}")
+            raise ValueError(self._no_vector(vector))
         if not self.enabled or self._triggers[vector] is None:
             self.dropped += 1
             return Delivery.DROPPED
         gate = self.gate(vector)
         if gate == _CLOSED:
             self.dropped += 1
+            reason = self.explain(vector)
+            if reason not in self._dropped_reasons:  # once: a device may trigger often
+                self._dropped_reasons.add(reason)
+                _log.debug(
+                    "interrupt dropped", index=self.index.name, vector=vector, reason=reason
+                )
             return Delivery.DROPPED
         if gate == _HOLD or self._masked[vector] or not self._controller.running:
             self.set_pending(vector, True)
@@ -177,6 +197,29 @@ class Irq:
         if not self._masked[vector]:  # as it is after an automasked delivery
             self._open[vector] = fd
         return Delivery.DELIVERED
+
+    def _no_vector(self, vector: int) -> str:
+        if self.count:
+            return f"{self.index.name} has no vector {vector} (it has {self.count})"
+        declare = _DECLARED_BY.get(self.index, "")
+        return f"the device has no {self.index.name}" + (f": declare {declare}" if declare else "")
+
+    def explain(self, vector: int) -> str:
+        """Why an interrupt on `vector` would not be delivered now; "" if it would."""
+        if not 0 <= vector < self.count:
+            return self._no_vector(vector)
+        if not self.enabled or self._triggers[vector] is None:
+            return "no eventfd is wired to it (the client has not sent SET_IRQS for it)"
+        gate = self._controller.explain_gate(self, vector)
+        if gate:
+            return gate
+        if self._masked[vector]:
+            if self._automask:
+                return "masked by its last delivery, until the client unmasks it"
+            return "masked by the client (SET_IRQS ACTION_MASK)"
+        if not self._controller.running:
+            return "the device is stopped (migration): held pending"
+        return ""
 
     def loopback(self, vector: int) -> None:
         """SET_IRQS TRIGGER with DATA_NONE or DATA_BOOL: signal the vector's eventfd,
@@ -306,7 +349,7 @@ class IntxIrq(Irq):
     def set_level(self, asserted: bool) -> Delivery | None:
         """Assert or deassert the line; asserting it raises an interrupt."""
         if not self.count:
-            raise ValueError("the device has no INTx (declare intx=True)")
+            raise ValueError(self._no_vector(0))
         self.level = asserted
         self._controller.intx_status_changed()
         return self.trigger() if asserted else None
@@ -377,7 +420,9 @@ class MsixTable:
 
 
 class Interrupts:
-    """A device's IRQ indexes, and the guest-visible state that gates them."""
+    """A device's IRQ indexes, and the guest-visible state that gates them: `intx`,
+    `msi`, `msix`, `err` and `req` are one `Irq` each (with no vectors where the
+    device declared none), also reachable as `irqs[IrqIndex.MSIX]`."""
 
     def __init__(
         self,
@@ -477,6 +522,23 @@ class Interrupts:
         if control & MsiX.FUNCTION_MASK or (table is not None and table.vector_masked(vector)):
             return _HOLD
         return _OPEN
+
+    def explain_gate(self, irq: Irq, vector: int) -> str:
+        """The guest-visible reason the gate holds `irq`'s vector back; "" if open."""
+        gate = irq.gate(vector)
+        if gate == _OPEN:
+            return ""
+        if irq is self.intx:
+            return "the guest set Interrupt Disable in the Command register: held pending"
+        if irq is self.msix:
+            if gate == _CLOSED:
+                return "the guest has not enabled MSI-X (Message Control bit 15)"
+            return (
+                "the guest masked it (MSI-X Function Mask or the vector's Mask bit): held pending"
+            )
+        if gate == _CLOSED:
+            return "the guest has not enabled MSI, or not this many vectors (Message Control)"
+        return "the guest masked it (MSI Mask Bits): held pending"
 
     def pending_changed(self, irq: Irq, vector: int, pending: bool) -> None:
         """Mirror pending state where the guest can read it."""

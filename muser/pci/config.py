@@ -275,13 +275,17 @@ class ConfigSpace:
         return list(self._placed)
 
     def offset_of(self, capability: AnyCapability) -> int:
+        """The config-space offset where `capability` (the object the device was
+        declared with) was placed: add a register's offset within it to read that
+        register with `register`. KeyError if it is not this device's."""
         for placed, offset in self._placed:
             if placed is capability:
                 return offset
         raise KeyError(f"{capability!r} is not part of this config space")
 
     def register(self, offset: int, size: int) -> int:
-        """A register's current value, as device code reads it (e.g. a programmed BAR)."""
+        """A register's current value as an int (little-endian, `size` bytes), as
+        device code reads it: a programmed BAR, MSI-X's Message Control."""
         return int.from_bytes(self._data[offset : offset + size], "little")
 
     def set_register(self, offset: int, size: int, value: int) -> None:

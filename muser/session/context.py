@@ -33,6 +33,8 @@ class Context:
     """Log, unless this client repeats itself."""
     peer: Capabilities | None = None
     """The client's capabilities, once VERSION is negotiated."""
+    peer_version: str = ""
+    """The protocol version the client asked for, "major.minor"."""
     readers: tuple[Reader, ...] = field(default=())
     """What reads each region (offset, count), decided once."""
     write: Writer = field(init=False)

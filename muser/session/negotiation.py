@@ -38,10 +38,11 @@ def version(context: Context, request: Version, frame: Frame) -> Outcome:
     if request.major != PROTOCOL_MAJOR:
         raise ProtocolError(f"protocol major version {request.major} is not supported")
     peer = context.peer = parse_capabilities(request.capabilities)
+    context.peer_version = f"{request.major}.{request.minor}"
     context.log(
         "info",
         "negotiated",
-        client_version=f"{request.major}.{request.minor}",
+        client_version=context.peer_version,
         client_max_msg_fds=peer.max_msg_fds,
         client_max_data_xfer_size=peer.max_data_xfer_size,
     )

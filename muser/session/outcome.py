@@ -90,6 +90,9 @@ class SessionEvents(Protocol):
 
 
 class ServerEvents(SessionEvents, Protocol):
+    def negotiated(self) -> None:
+        """VERSION was agreed: the peer is now the device's client."""
+
     def run(self, call: HandlerCall) -> None:
         """Await a handler's awaitable, then report how it ended to the session."""
 

@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from muser.device import PciDevice
+from muser.device import DisconnectReason, PciDevice
 from muser.errors import VfioUserError
 from muser.session.base import Session
 from muser.session.commands import dispatch
@@ -63,6 +63,18 @@ class SessionSettings:
     """Serve REGION_READ/WRITE by the hot path (`muser.session.fast`) when it can."""
 
 
+def _access_lane(session: ServerSession, sink: Sink, observer: Observer | None) -> AccessLane:
+    """The hot path for a session; with an observer it sends through `send_message`,
+    so that the observer sees every message."""
+    send, observe = session._send, None
+    if observer is not None:
+        send, observe = session.send_message, observer.received
+    return AccessLane(
+        session, session.context, session.device.region_sizes, send=send, sink=sink,
+        observe=observe,
+    )  # fmt: skip
+
+
 class ServerSession(Session):
     """One client's session with one device."""
 
@@ -95,18 +107,14 @@ class ServerSession(Session):
         self._queue = WaitingCommands()
         self._reading_paused = False
         if settings.fast_path:
-            send, observe = self._send, None
-            if observer is not None:
-                send, observe = self.send_message, observer.received
-            lane = AccessLane(
-                self, self.context, device.region_sizes, send=send, sink=sink, observe=observe
-            )
-            self.data_received = lane.receive
+            self.data_received = _access_lane(self, sink, observer).receive
         self._deadlines = Deadlines(events.set_timer)
         if settings.negotiation_timeout is not None:
             self._deadlines.set(Deadline.NEGOTIATION, clock() + settings.negotiation_timeout)
         self._completed_at_deadline = 0
         """How many messages had arrived whole when the message deadline was set."""
+        self.close_reason: DisconnectReason | None = None
+        """Why the session ended, once it has; the first cause wins."""
 
     @property
     def device(self) -> PciDevice:
@@ -158,6 +166,7 @@ class ServerSession(Session):
     def _stream_broken(self) -> None:
         """Answer what came before the bad bytes, then close; before negotiation there
         is nothing to answer."""
+        self.close_reason = self.close_reason or DisconnectReason.PROTOCOL_ERROR
         if self.state not in (Lifecycle.READY, Lifecycle.BUSY):
             self._close(flush=True)
             return
@@ -199,6 +208,7 @@ class ServerSession(Session):
         if self.negotiated:
             self._deadlines.clear(Deadline.NEGOTIATION)
             self._enter(_READY)
+            self.events.negotiated()
         else:
             self._close(flush=True)
 
@@ -335,6 +345,7 @@ class ServerSession(Session):
         SHUTDOWN_GRACE seconds at the most."""
         if self.state is _CLOSED or self.state is Lifecycle.SHUTTING_DOWN:
             return
+        self.close_reason = self.close_reason or DisconnectReason.SERVER_CLOSING
         self._queue.drop()
         self.context.stopping = True
         if self.in_flight is None and not self.handling:
@@ -343,9 +354,10 @@ class ServerSession(Session):
         self._enter(Lifecycle.SHUTTING_DOWN)
         self._deadlines.set(Deadline.GRACE, self.clock() + SHUTDOWN_GRACE)
 
-    def _close(self, *, flush: bool) -> None:
+    def _close(self, *, flush: bool, reason: DisconnectReason | None = None) -> None:
         """Close now, or once the replies are out (`flush`): within SHUTDOWN_GRACE
         seconds all the same, or a client that never reads would hold the close."""
+        self.close_reason = self.close_reason or reason
         if self.state is not _CLOSED:
             self._enter(_CLOSED)
         self._queue.drop()
@@ -357,6 +369,7 @@ class ServerSession(Session):
         self.events.close(flush=flush)
 
     def connection_lost(self) -> None:
+        self.close_reason = self.close_reason or DisconnectReason.CLIENT_LEFT
         super().connection_lost()
         self._queue.drop()
         self._deadlines.clear(*Deadline)
@@ -379,7 +392,7 @@ class ServerSession(Session):
                 self.events.log(
                     "warning", "client did not negotiate in time; closing", timeout=timeout
                 )
-                self._close(flush=False)
+                self._close(flush=False, reason=DisconnectReason.TIMED_OUT)
             elif deadline is Deadline.MESSAGE:
                 self._message_overdue(now)
             else:
@@ -408,4 +421,4 @@ class ServerSession(Session):
             timeout=timeout,
             bytes_held=framer.buffered,
         )
-        self._close(flush=False)
+        self._close(flush=False, reason=DisconnectReason.TIMED_OUT)

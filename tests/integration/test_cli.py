@@ -67,6 +67,8 @@ async def test_serves_null_and_exits_cleanly(sock_dir: str, loop: str, signum: i
     assert not os.path.exists(path)
     assert "vfio-user-pci" in stderr
     assert path in stderr
+    assert "client connected" in stderr
+    assert "\x1b[" not in stderr, "no colour codes when stderr is not a terminal"
 
 
 @one_loop
@@ -153,6 +155,38 @@ def test_unknown_device_is_an_error() -> None:
     )
     assert result.returncode != 0
     assert "unknown device 'nonesuch'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("muser_samples.null:nope", 'Attribute "nope" not found in module "muser_samples.null"'),
+        ("no_such_module:create", 'Could not import module "no_such_module"'),
+        ("muser_samples.nowhere:create", 'Could not import module "muser_samples.nowhere"'),
+    ],
+)
+def test_a_device_that_cannot_be_loaded_is_one_line(
+    tmp_path: Path, spec: str, message: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "muser.run", spec, "--socket", str(tmp_path / "s")],
+        capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(message)
+
+
+def test_a_module_whose_own_import_fails_shows_where(tmp_path: Path) -> None:
+    (tmp_path / "broken_device.py").write_text("import not_installed_anywhere\n")
+    socket_path = str(tmp_path / "s")
+    result = subprocess.run(
+        [sys.executable, "-m", "muser.run", "broken_device:create", "--socket", socket_path],
+        cwd=tmp_path, capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert "No module named 'not_installed_anywhere'" in result.stderr
 
 
 @one_loop

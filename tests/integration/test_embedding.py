@@ -232,12 +232,16 @@ async def test_status_http_reports_the_devices_live_state(sock_path: str) -> Non
     await first_listen_on_this_loop()
     before = open_fds()
     async with StatusService(sock_path) as service:
-        assert (await get_status(service.port))["client_attached"] is False
+        assert (await get_status(service.port))["client"] is None
         async with await Client.connect(sock_path) as client:
             await client.region_read(GPIO_BAR, gpio.IRQ_CONTROL, 1)
             await client.region_write(GPIO_BAR, gpio.OUT_0_7, b"\x05")
             status = await get_status(service.port)
-        assert status["client_attached"] is True
+        assert status["client"] == {"pid": os.getpid(), "version": "0.2"}
+        async with asyncio.timeout(5):  # the device hears its client leave
+            while (after := await get_status(service.port))["client"] is not None:
+                await asyncio.sleep(0.01)
+        assert after["last_disconnect"] == "the client closed the connection"
         assert status["outputs"] == 0x05
         assert status["inputs"] == 0xFFFA
         assert status["irq_pending"] is True

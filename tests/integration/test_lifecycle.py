@@ -9,7 +9,9 @@ import socket
 import stat
 
 import pytest
+import structlog
 
+import muser
 import muser.server
 from muser import Client, ConnectionClosedError, ResetReason, Server
 from muser.wire.constants import Command
@@ -259,3 +261,97 @@ async def test_a_failing_connection_setup_keeps_the_server_accepting(
     assert open_fds() == before
     async with await asyncio.wait_for(Client.connect(server.path), 5) as client:
         assert (await client.get_device_info()).num_regions == 9
+
+
+class HookedDevice(muser.PciDevice):
+    """Starts a ticking task when a client negotiates, stops it when it leaves,
+    and records what it was told, in order."""
+
+    def __init__(self, *, fail_connected: bool = False) -> None:
+        super().__init__(vendor_id=0x1234, device_id=0x0001)
+        self.calls: list[object] = []
+        self.ticks = 0
+        self.ticker: asyncio.Task[None] | None = None
+        self.fail_connected = fail_connected
+
+    async def connected(self, client: muser.ClientInfo) -> None:
+        await asyncio.sleep(0)  # an async hook: it runs as a task of its own
+        self.calls.append(client)
+        if self.fail_connected:
+            raise RuntimeError("connected hook broke")
+        self.ticker = asyncio.get_running_loop().create_task(self.tick())
+
+    async def tick(self) -> None:
+        while True:
+            self.ticks += 1
+            await asyncio.sleep(0.001)
+
+    async def disconnected(self, reason: muser.DisconnectReason) -> None:
+        self.calls.append(reason)
+        if self.ticker is not None:
+            self.ticker.cancel()
+
+    def reset(self, reason: ResetReason) -> None:
+        self.calls.append(reason)
+
+
+async def test_lifecycle_hooks_start_and_stop_work_with_each_client(sock_path: str) -> None:
+    device = HookedDevice()
+    async with Server(device, sock_path) as server:
+        for _ in range(2):
+            async with await Client.connect(sock_path) as client:
+                await client.get_device_info()
+                async with asyncio.timeout(5):
+                    while device.ticks < 3:
+                        await asyncio.sleep(0.001)
+            connection = server.connection
+            assert connection is not None
+            await connection.finished.wait()
+            assert device.ticker is not None
+            assert device.ticker.cancelled() or device.ticker.done()
+            info, reason, reset = device.calls[-3:]
+            assert info == muser.ClientInfo(
+                pid=os.getpid(), version="0.2", max_data_xfer_size=1 << 20, max_msg_fds=16
+            )
+            assert reason is muser.DisconnectReason.CLIENT_LEFT
+            assert reset is ResetReason.LOST_CONNECTION
+        assert len(device.calls) == 6
+
+
+async def test_a_server_closing_tells_the_device_why(sock_path: str) -> None:
+    device = HookedDevice()
+    server = Server(device, sock_path)
+    await server.start_serving()
+    client = await Client.connect(sock_path)
+    await client.get_device_info()
+    connection = server.connection
+    assert connection is not None
+    server.close()
+    await server.wait_closed()
+    await connection.finished.wait()
+    client.close()
+    assert device.calls[1:] == [muser.DisconnectReason.SERVER_CLOSING, ResetReason.LOST_CONNECTION]
+
+
+async def test_a_client_that_never_negotiates_runs_no_hook(sock_path: str) -> None:
+    device = HookedDevice()
+    async with Server(device, sock_path) as server:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(sock_path)
+            async with asyncio.timeout(5):
+                while server.connection is None:
+                    await asyncio.sleep(0.001)
+            connection = server.connection
+        await connection.finished.wait()
+    assert device.calls == [ResetReason.LOST_CONNECTION]
+
+
+async def test_a_failing_hook_is_logged_and_the_session_goes_on(sock_path: str) -> None:
+    device = HookedDevice(fail_connected=True)
+    with structlog.testing.capture_logs() as logs:
+        async with Server(device, sock_path), await Client.connect(sock_path) as client:
+            async with asyncio.timeout(5):
+                while not device.calls:
+                    await asyncio.sleep(0.001)
+            assert (await client.get_device_info()).num_regions == device.num_regions
+    assert any(entry["event"] == "device's connected hook failed" for entry in logs)

@@ -416,6 +416,22 @@ class TestTimerSample:
         await client.region_write(1, 0x1800, b"middle")
         assert bytes(device.shared_memory(1)[0x1800:0x1806]) == b"middle"
 
+    async def test_the_timer_runs_only_while_a_client_is_attached(self, sock_dir: str) -> None:
+        device = timer.create()
+        async with Server(device, os.path.join(sock_dir, "timer.sock")) as server:
+            async with await Client.connect(server.path) as client:
+                await client.region_write(0, 0, (int(time.time()) + 60).to_bytes(8, "little"))
+                assert device._timer is not None
+            connection = server.connection
+            assert connection is not None
+            await connection.finished.wait()
+            assert device._timer is None, "disarmed when its client left"
+            async with await Client.connect(server.path):
+                async with asyncio.timeout(5):
+                    while device._timer is None:
+                        await asyncio.sleep(0.001)
+            assert device.deadline > time.time()
+
     async def test_expiry_interrupts_and_does_dma(
         self, served: tuple[timer.Timer, Client]
     ) -> None:

@@ -4,6 +4,7 @@ installed pytest plugin, guest memory as a memfd and interrupts as eventfds."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 import pytest
+import structlog
 
 import muser
 from muser.testing import DeviceSession
@@ -156,3 +158,143 @@ async def test_the_readme_example_works_as_written(muser_attach: Attach) -> None
     example = readme_example("async def test_copy")
     example["MyDevice"] = Done
     await example["test_copy"](muser_attach)
+
+
+class Signals(muser.PciDevice):
+    """MSI-X (4 vectors, table and PBA in 64-bit BAR0), MSI (2 vectors), INTx and a
+    BAR2 of shared memory with two mappable areas."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            vendor_id=0x1234,
+            device_id=0x5167,
+            intx=True,
+            bars={
+                0: muser.Bar(0x4000, kind=muser.BarKind.MEMORY_64),
+                2: muser.Bar(
+                    0x4000,
+                    shared=muser.SharedMemory(areas=((0, 0x1000), (0x2000, 0x2000))),
+                ),
+            },
+            capabilities=[
+                muser.Msi(vectors=2),
+                muser.MsiX(table_size=4, table_bar=0, table_offset=0, pba_bar=0, pba_offset=0x800),
+            ],
+        )
+
+
+async def test_enable_msix_lets_vectors_through(muser_attach: Attach) -> None:
+    async with muser_attach(Signals()) as session:
+        vector = await session.interrupt(IrqIndex.MSIX, 3)
+        msix = session.device.irqs.msix
+        assert msix.trigger(3) is muser.Delivery.DROPPED
+        with pytest.raises(TimeoutError) as caught:
+            await vector.wait(0.01)
+        assert str(caught.value) == (
+            "no MSIX interrupt on vector 3 in 0.01 s: a trigger now would be dropped or held, "
+            "because the guest has not enabled MSI-X (Message Control bit 15)"
+        )
+        await session.enable_msix()
+        assert msix.trigger(3) is muser.Delivery.DELIVERED
+        assert await vector.wait(1.0) == 1
+
+
+async def test_a_masked_vector_is_reported_pending(muser_attach: Attach) -> None:
+    async with muser_attach(Signals()) as session:
+        vector = await session.interrupt(IrqIndex.MSIX, 1)
+        at = await session.capability(muser.MsiX.cap_id)
+        await session.client.region_write(7, at + 2, (0x8000 | 0x4000).to_bytes(2, "little"))
+        assert session.device.irqs.msix.trigger(1) is muser.Delivery.PENDING
+        with pytest.raises(
+            TimeoutError, match="it is pending, held back because the guest masked"
+        ):
+            await vector.wait(0.01)
+
+
+async def test_enable_msi_and_a_silent_device(muser_attach: Attach) -> None:
+    async with muser_attach(Signals()) as session:
+        vector = await session.interrupt(IrqIndex.MSI, 1)
+        await session.enable_msi(vectors=2)
+        with pytest.raises(
+            TimeoutError, match="nothing holds it back, so the device has not raised it"
+        ):
+            await vector.wait(0.01)
+        assert session.device.irqs.msi.trigger(1) is muser.Delivery.DELIVERED
+        assert await vector.wait(1.0) == 1
+        with pytest.raises(ValueError, match="power of two"):
+            await session.enable_msi(vectors=3)
+
+
+async def test_intx_unmask_lets_the_next_interrupt_through(muser_attach: Attach) -> None:
+    async with muser_attach(Signals()) as session:
+        intx = await session.interrupt(IrqIndex.INTX)
+        irq = session.device.irqs.intx
+        assert irq.trigger() is muser.Delivery.DELIVERED
+        assert await intx.wait(1.0) == 1
+        assert irq.trigger() is muser.Delivery.PENDING
+        with pytest.raises(
+            TimeoutError, match="masked by its last delivery, until the client unmasks"
+        ):
+            await intx.wait(0.01)
+        await intx.unmask()
+        assert await intx.wait(1.0) == 1  # the pending one, released by the unmask
+
+
+async def test_map_region_maps_the_shared_areas(muser_attach: Attach) -> None:
+    device = Signals()  # its shared memory is its own, for life
+    before = open_fds()
+    async with muser_attach(device) as session:
+        areas = await session.map_region(2)
+        assert [(area.offset, len(area.memory)) for area in areas] == [
+            (0, 0x1000),
+            (0x2000, 0x2000),
+        ]
+        areas[1].memory[0x10:0x15] = b"guest"
+        assert bytes(session.device.shared_memory(2)[0x2010:0x2015]) == b"guest"
+        assert await session.client.region_read(2, 0x2010, 5) == b"guest"
+        with pytest.raises(ValueError, match="region 0 cannot be mapped"):
+            await session.map_region(0)
+    assert open_fds() == before
+
+
+def test_declaration_errors_say_what_to_do() -> None:
+    with pytest.raises(ValueError, match="BAR1 is the upper half of 64-bit BAR0"):
+        muser.PciDevice(
+            vendor_id=1,
+            device_id=1,
+            bars={0: muser.Bar(0x4000, kind=muser.BarKind.MEMORY_64)},
+            capabilities=[
+                muser.MsiX(table_size=1, table_bar=1, table_offset=0, pba_bar=0, pba_offset=0x800)
+            ],
+        )
+    device = muser.PciDevice(vendor_id=1, device_id=1)
+    with pytest.raises(
+        ValueError, match=r"the device has no INTX: declare it with PciDevice\(intx=True\)"
+    ):
+        device.irqs.intx.trigger()
+    with pytest.raises(
+        ValueError, match=r"declare an MsiX\(\) among PciDevice\(capabilities=...\)"
+    ):
+        device.irqs.msix.trigger(0)
+
+
+async def test_a_dropped_trigger_is_logged_once_at_debug(muser_attach: Attach) -> None:
+    async with muser_attach(Signals()) as session:
+        await session.interrupt(IrqIndex.MSIX, 0)
+        configured = structlog.get_config()["wrapper_class"]
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+        try:
+            with structlog.testing.capture_logs() as logs:
+                for _ in range(3):
+                    session.device.irqs.msix.trigger(0)
+        finally:
+            structlog.configure(wrapper_class=configured)
+        assert logs == [
+            {
+                "event": "interrupt dropped",
+                "index": "MSIX",
+                "vector": 0,
+                "reason": "the guest has not enabled MSI-X (Message Control bit 15)",
+                "log_level": "debug",
+            }
+        ]

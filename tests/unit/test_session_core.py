@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from muser import Bar, PciDevice, VfioUserError
+from muser import Bar, DisconnectReason, PciDevice, VfioUserError
 from muser.device.dma_messages import DmaLayout
 from muser.session import TRANSITIONS, Lifecycle, LifecycleError, SessionSettings
 from muser.session.commands import COMMANDS
@@ -493,6 +493,42 @@ def test_closing_in_every_state(state: Lifecycle, how: str) -> None:
     assert pair.client.lost
     assert pair.server.timer is None
     assert open_fds() == before
+
+
+@pytest.mark.parametrize(
+    ("ending", "reason"),
+    [
+        ("leave", DisconnectReason.CLIENT_LEFT),
+        ("shut_down", DisconnectReason.SERVER_CLOSING),
+        ("broken", DisconnectReason.PROTOCOL_ERROR),
+        ("half_message", DisconnectReason.TIMED_OUT),
+    ],
+)
+def test_the_session_knows_why_it_ended(ending: str, reason: DisconnectReason) -> None:
+    """What the device's `disconnected` hook is told; the first cause wins (a broken
+    stream is closed by the session, then its peer is lost)."""
+    pair = negotiated(settings=SessionSettings(message_timeout=1.0))
+    assert pair.server.negotiations == 1
+    if ending == "leave":
+        pair.leave()
+    elif ending == "shut_down":
+        pair.session.shut_down()
+    elif ending == "broken":
+        pair.send_raw(b"\xff" * 16)
+    else:
+        pair.send_raw(message(5, Command.REGION_READ, read_request(0, 0, 4))[:10])
+        pair.pump()
+        pair.advance(1.1)
+    pair.pump()
+    assert pair.session.state is Lifecycle.CLOSED
+    assert pair.server.lost
+    assert pair.session.close_reason is reason
+
+
+def test_a_client_that_never_negotiates_is_never_the_devices(pair: SessionPair) -> None:
+    pair.call(Command.DEVICE_GET_INFO, DeviceInfo(16, 0, 0, 0).build())
+    assert pair.session.state is Lifecycle.CLOSED
+    assert pair.server.negotiations == 0
 
 
 def test_a_graceful_close_is_cut_after_the_grace_time() -> None:
