@@ -24,6 +24,8 @@ from common import table
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("instructions", "regions", "writes", "irqs", "dma", "migration", "scale", "nvme")
+END_TO_END = HERE / "end_to_end.md"
+"""The end-to-end section: measured by hand with QEMU and libvfio-user, kept as written."""
 INTRO = """# Benchmarks
 
 How fast is muser? Every table below was written by one command,
@@ -46,7 +48,9 @@ baseline measured in the same process, on the same loop, repetitions
 interleaved; muser/baseline is the median of the repetitions' own ratios, so a
 slowdown of the machine that outlasts a repetition divides out. The machine is
 a shared VM: trust the ratios more than the absolute numbers. Each script's
-docstring says exactly what it measures.
+docstring says exactly what it measures. The last section, a Linux guest in QEMU
+against libvfio-user, is measured by hand (QEMU is not part of CI) and copied in
+from `benchmarks/end_to_end.md` as it is.
 
 Machine: {machine}.
 """
@@ -105,6 +109,7 @@ def main() -> None:
     lines = [INTRO.format(command=command, machine=facts)]
     for name, report in reports.items():
         lines += section(name, report)
+    lines.append(END_TO_END.read_text(encoding="utf-8"))
     text = "\n".join(lines)
     if args.output == "-":
         print(text)

@@ -14,6 +14,12 @@ BAR0, its own `muser.Server` and socket) and drives them from the same loop:
 - REGION_READ: one client reading alone (the baseline, all N connected), and all
   N at once, each R / N times; 5 repetitions, interleaved.
 
+Then every core: `python -m muser.run` serving 4 `null` devices with `--workers
+2` against the same with one worker (both running, measured in turn): one
+process here drives all 4 devices with blocking raw sockets, 16 config-space
+REGION_READs in flight per device, so that the client costs little next to the
+servers it shares the cores with; aggregate round trips/s.
+
 A warm-up device goes through every step first. The soft RLIMIT_NOFILE is raised
 for the 3 fds each device needs.
 
@@ -28,7 +34,11 @@ import gc
 import multiprocessing
 import os
 import resource
+import signal
 import socket
+import struct
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,19 +54,25 @@ from common import (
     compare,
     emit,
     loop_name,
+    message,
+    paired_ratio,
     parse_arguments,
+    raw_session,
     round_trip_burst,
     run_interleaved,
 )
 
 import muser
 from muser.wire import close_fds
+from muser.wire.constants import Command, PciRegion
 
 BAR_SIZE = 4096
 READ_SIZE = 4
 PING = 32
-FULL: dict[str, Any] = {"devices": [10, 100, 1000], "reads": 5000, "warm_up": 1000}
-QUICK: dict[str, Any] = {"devices": [10], "reads": 500, "warm_up": 100}
+FULL: dict[str, Any] = {
+    "devices": [10, 100, 1000], "reads": 5000, "warm_up": 1000, "worker_reads": 200_000,
+}  # fmt: skip
+QUICK: dict[str, Any] = {"devices": [10], "reads": 500, "warm_up": 100, "worker_reads": 640}
 SETUP_REPETITIONS = 10
 """Devices are set up in this many repetitions of N / 10 (one each if 10 does not divide N)."""
 READ_REPETITIONS = 5
@@ -192,6 +208,78 @@ async def measure(directory: str, devices: int, reads_total: int, warm_up: int) 
     ]
 
 
+WORKER_DEVICES = 4
+PIPELINE = 16
+"""REGION_READs each device has in flight in the workers benchmark."""
+CONFIG_READ = message(Command.REGION_READ, struct.pack("<QII", 0, PciRegion.CONFIG, READ_SIZE))
+REPLY_SIZE = len(CONFIG_READ) + READ_SIZE
+
+
+class MuserRun:
+    """`python -m muser.run` serving WORKER_DEVICES null devices with `workers`
+    workers, and negotiated raw sockets to each."""
+
+    def __init__(self, directory: str, workers: int, loop: str) -> None:
+        self.paths = [
+            os.path.join(directory, f"w{workers}-{i}.sock") for i in range(WORKER_DEVICES)
+        ]
+        command = [sys.executable, "-m", "muser.run", *["null"] * WORKER_DEVICES]
+        command += [arg for path in self.paths for arg in ("--socket", path)]
+        command += ["--workers", str(workers), "--loop", loop, "--log-level", "warning"]
+        self.process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        self.sockets: list[socket.socket] = []
+
+    async def connect(self) -> None:
+        for path in self.paths:
+            for _ in range(500):
+                if os.path.exists(path):
+                    break
+                await asyncio.sleep(0.01)
+            sock = await raw_session(path)
+            sock.setblocking(True)
+            self.sockets.append(sock)
+
+    def burst(self) -> Burst:
+        """`count` reads, shared out among the devices, PIPELINE at a time each."""
+        request, expected = CONFIG_READ * PIPELINE, REPLY_SIZE * PIPELINE
+        buffer = memoryview(bytearray(expected))
+
+        async def burst(count: int) -> None:
+            for _ in range(max(1, count // (PIPELINE * WORKER_DEVICES))):
+                for sock in self.sockets:
+                    sock.sendall(request)
+                for sock in self.sockets:
+                    received = 0
+                    while received < expected:
+                        received += sock.recv_into(buffer[received:])
+
+        return burst
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(10)
+
+
+async def workers(directory: str, loop: str, reads_total: int) -> Row:
+    """Aggregate REGION_READs/s with two workers against one."""
+    runs = {count: MuserRun(directory, count, loop) for count in (1, 2)}
+    try:
+        for run in runs.values():
+            await run.connect()
+        count = max(reads_total, PIPELINE * WORKER_DEVICES)
+        one, two = (Series(runs[n].burst(), count) for n in (1, 2))
+        await run_interleaved((one, two), count // 10, READ_REPETITIONS)
+    finally:
+        for run in runs.values():
+            run.close()
+    return Row(
+        f"REGION_READ, {WORKER_DEVICES} devices, --workers 2", "--workers 1", loop,
+        "round trips/s", two.result(), one.result(), paired_ratio(two.values, one.values),
+    )  # fmt: skip
+
+
 def run_in_process(
     loop: str, directory: str, devices: int, reads_total: int, warm_up: int
 ) -> list[Row]:
@@ -224,6 +312,8 @@ def main() -> None:
                 rows += run_in_process(
                     loop, directory, devices, settings["reads"], settings["warm_up"]
                 )
+        for loop in args.loops:
+            rows.append(asyncio.run(workers(directory, loop, settings["worker_reads"])))
     emit(args, settings, rows, started)
 
 

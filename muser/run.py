@@ -16,6 +16,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import structlog
+
 from muser.device import PciDevice
 from muser.device.dma import DmaLayout
 from muser.loading import (
@@ -32,6 +34,7 @@ from muser.server import (
     Server,
     is_listening,
 )
+from muser.workers import run_workers, shares
 
 
 def default_socket_path(name: str) -> str:
@@ -245,6 +248,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-format", default="console", choices=["console", "json"])
     parser.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     parser.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="spread the devices over N processes, each device served by one, to use "
+        "N cores (default 1: one process)",
+    )
+    parser.add_argument(
         "--dma-layout",
         choices=[layout.value for layout in DmaLayout],
         help="DMA_READ/DMA_WRITE layout (only used for guest memory that is not shared): "
@@ -274,8 +285,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
+    work = shares(len(args.devices), args.workers)
+    if len(work) == 1:
+        serve_devices(args, work[0])
+        return
+
+    def serve_share(worker: int, share: Sequence[int]) -> None:
+        for position, fd in enumerate(args.fd):
+            if position not in share:
+                os.close(fd)
+        structlog.contextvars.bind_contextvars(worker=worker)
+        serve_devices(args, share)
+
+    def let_go() -> None:
+        for fd in args.fd:
+            os.close(fd)
+
+    raise SystemExit(run_workers(work, serve_share, forked=let_go))
+
+
+def serve_devices(args: argparse.Namespace, positions: Sequence[int]) -> None:
+    """Build and serve the devices at `positions` of the command line, on one loop."""
     devices: list[tuple[PciDevice, str | socket.socket]] = []
-    for position, spec in enumerate(args.devices):
+    for position in positions:
+        spec = args.devices[position]
         device = load_device_factory(spec)(**args.device_options[spec])
         if position < len(args.fd):
             devices.append((device, inherited_socket(args.fd[position])))

@@ -28,6 +28,8 @@ DEVICE_ID = 0x0DC8
 CLASS_DATA_ACQUISITION = 0x118000
 """Data acquisition and signal processing controller, other."""
 PINS = 16
+ALL_INPUTS = (1 << PINS) - 1
+"""Every counter at 0, a multiple of 3: every input reads 1."""
 
 OUT_0_7, IN_0_7, IRQ_CONTROL, FILTER_CONTROL, OUT_8_15, IN_8_15, IRQ_STATUS = range(7)
 IRQ_PENDING = 0x07
@@ -39,6 +41,9 @@ class Gpio(muser.PciDevice):
     def __init__(self) -> None:
         self.outputs = 0
         self.counters = [0] * PINS
+        self.inputs = ALL_INPUTS
+        """Bit n set while pin n's counter is a multiple of 3, kept as counters change:
+        a guest polls inputs, and reading them is one attribute, not 16 divisions."""
         self.irq_enabled = False
         self.irq_pending = False
         self.filters_active = False
@@ -53,11 +58,9 @@ class Gpio(muser.PciDevice):
             name="gpio",
         )
 
-    @property
-    def inputs(self) -> int:
-        return sum(1 << pin for pin, count in enumerate(self.counters) if count % 3 == 0)
-
     def read(self, offset: int, count: int) -> bytes:
+        if count == 1:  # what the driver's inb does
+            return bytes((self.read_register(offset),))
         return bytes(self.read_register(register) for register in range(offset, offset + count))
 
     def read_register(self, register: int) -> int:
@@ -86,9 +89,7 @@ class Gpio(muser.PciDevice):
             shift = 0 if register == OUT_0_7 else 8
             before = self.inputs
             self.outputs = (self.outputs & ~(0xFF << shift)) | value << shift
-            for bit in range(8):
-                if value >> bit & 1:
-                    self.counters[shift + bit] += 1
+            self._count(value << shift)
             if self.inputs != before and self.irq_enabled:
                 self.irq_pending = True
                 self.irqs.intx.set_level(True)
@@ -100,10 +101,22 @@ class Gpio(muser.PciDevice):
         elif register == FILTER_CONTROL:
             self.filters_active = False
 
+    def _count(self, pins: int) -> None:
+        """Count up each pin set in `pins`, and follow its input."""
+        counters, inputs = self.counters, self.inputs
+        while pins:
+            lowest = pins & -pins
+            pin = lowest.bit_length() - 1
+            counters[pin] += 1
+            inputs = inputs | lowest if counters[pin] % 3 == 0 else inputs & ~lowest
+            pins ^= lowest
+        self.inputs = inputs
+
     def reset(self, reason: muser.ResetReason) -> None:
         if reason is not muser.ResetReason.LOST_CONNECTION:
             self.outputs = 0
             self.counters = [0] * PINS
+            self.inputs = ALL_INPUTS
             self.irq_enabled = self.irq_pending = self.filters_active = False
 
 

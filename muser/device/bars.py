@@ -16,6 +16,7 @@ from muser.errors import VfioUserError
 from muser.pci.capabilities import MsiX
 
 Reader = Callable[[int, int], bytes | Awaitable[bytes]]
+Writer = Callable[[int, bytes], Awaitable[None] | None]
 
 
 class RangeKind(Enum):
@@ -61,6 +62,16 @@ class BarRouter:
         if bar is not None and bar.read is not None:
             return bar.read
         return functools.partial(self._read_bar, index)
+
+    def writer(self, index: int) -> Writer:
+        """What writes BAR `index`, decided once: the BAR's own handler where muser
+        serves nothing in it and watches for no doorbell, so that a guest's MMIO
+        write (a posted one above all) costs one call."""
+        bar = self._bars.get(index)
+        plain = bar is not None and not bar.doorbells and not self.ranges.get(index)
+        if plain and bar is not None and bar.write is not None:
+            return bar.write
+        return functools.partial(self.write, index)
 
     def write(self, index: int, offset: int, data: bytes) -> Awaitable[None] | None:
         """A client write to BAR `index`, already checked against its bounds."""

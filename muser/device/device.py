@@ -71,8 +71,41 @@ def _check_identity(**fields: tuple[int, int]) -> None:
             raise ValueError(f"{name} {value:#x} does not fit in {bits} bits")
 
 
+def _checked_msix(bars: Mapping[int, Bar], capabilities: Sequence[Capability]) -> MsiX | None:
+    """The MSI-X capability, if any, once its table and PBA are seen to fit."""
+    msix = next((c for c in capabilities if isinstance(c, MsiX)), None)
+    if msix is None:
+        return None
+    for name, index, offset, size in (
+        ("table", msix.table_bar, msix.table_offset, msix.table_bytes),
+        ("PBA", msix.pba_bar, msix.pba_offset, msix.pba_bytes),
+    ):
+        bar = bars.get(index)
+        below = bars.get(index - 1)
+        if bar is None and below is not None and below.kind.is_64bit:
+            raise ValueError(
+                f"the MSI-X {name} is in BAR{index}, but BAR{index} is the upper half "
+                f"of 64-bit BAR{index - 1}: put it in BAR{index - 1} (or another BAR)"
+            )
+        if bar is None or bar.kind.is_io:
+            raise ValueError(f"the MSI-X {name} needs memory BAR{index}")
+        if offset + size > bar.size:
+            raise ValueError(f"the MSI-X {name} runs past the end of BAR{index}")
+    same_bar = msix.table_bar == msix.pba_bar
+    table = range(msix.table_offset, msix.table_offset + msix.table_bytes)
+    if (
+        same_bar
+        and msix.pba_offset < table.stop
+        and table.start < (msix.pba_offset + msix.pba_bytes)
+    ):
+        raise ValueError("the MSI-X table and PBA overlap")
+    return msix
+
+
 RegionReader = Callable[[int, int], bytes | Awaitable[bytes]]
 """Reads a region: (offset, count) -> the bytes, or an awaitable of them."""
+RegionWriter = Callable[[int, bytes], Awaitable[None] | None]
+"""Writes a region: (offset, data) -> None, or an awaitable."""
 
 
 class PciDevice:
@@ -145,7 +178,7 @@ class PciDevice:
         if self._claims and self._claims[-1].span.stop > self.config.size:
             raise ValueError("config registers lie beyond config space")
         msi = next((c for c in capabilities if isinstance(c, Msi)), None)
-        msix = self._checked_msix(capabilities)
+        msix = _checked_msix(self.bars, capabilities)
         self.irqs = Interrupts(
             self.config, intx=intx, msi=msi, msix=msix, err=err_irq, req=req_irq
         )
@@ -165,14 +198,19 @@ class PciDevice:
         """The migration state machine, for a device that declared `migration`."""
         self._bars = BarRouter(self.bars, self.shared, self.irqs, msix)
         self._watch_interrupt_controls(msi, msix)
-        self.region_sizes, self.region_readers = self._region_tables()
+        self.region_sizes, self.region_readers, self.region_writers = self._region_tables()
 
-    def _region_tables(self) -> tuple[tuple[int, ...], tuple[RegionReader, ...]]:
+    def _region_tables(
+        self,
+    ) -> tuple[tuple[int, ...], tuple[RegionReader, ...], tuple[RegionWriter, ...]]:
         """Each region's size by index (0: it does not exist), and what `read_region`
-        calls for each (offset, count): decided once the device is built."""
+        and `write_region` call for each: decided once the device is built."""
         regions = range(self.num_regions)
-        sizes = tuple(self.region_flags_and_size(index)[1] for index in regions)
-        return sizes, tuple(self._reader(index) for index in regions)
+        return (
+            tuple(self.region_flags_and_size(index)[1] for index in regions),
+            tuple(self._reader(index) for index in regions),
+            tuple(self._writer(index) for index in regions),
+        )
 
     def _watch_interrupt_controls(self, msi: Msi | None, msix: MsiX | None) -> None:
         """The config registers that turn interrupts on and off, masks included, are
@@ -203,36 +241,6 @@ class PciDevice:
                     "or other config registers"
                 )
             previous_stop = claim.span.stop
-
-    def _checked_msix(self, capabilities: Sequence[Capability]) -> MsiX | None:
-        """The MSI-X capability, if any, once its table and PBA are seen to fit."""
-        msix = next((c for c in capabilities if isinstance(c, MsiX)), None)
-        if msix is None:
-            return None
-        for name, index, offset, size in (
-            ("table", msix.table_bar, msix.table_offset, msix.table_bytes),
-            ("PBA", msix.pba_bar, msix.pba_offset, msix.pba_bytes),
-        ):
-            bar = self.bars.get(index)
-            below = self.bars.get(index - 1)
-            if bar is None and below is not None and below.kind.is_64bit:
-                raise ValueError(
-                    f"the MSI-X {name} is in BAR{index}, but BAR{index} is the upper half "
-                    f"of 64-bit BAR{index - 1}: put it in BAR{index - 1} (or another BAR)"
-                )
-            if bar is None or bar.kind.is_io:
-                raise ValueError(f"the MSI-X {name} needs memory BAR{index}")
-            if offset + size > bar.size:
-                raise ValueError(f"the MSI-X {name} runs past the end of BAR{index}")
-        same_bar = msix.table_bar == msix.pba_bar
-        table = range(msix.table_offset, msix.table_offset + msix.table_bytes)
-        if (
-            same_bar
-            and msix.pba_offset < table.stop
-            and table.start < (msix.pba_offset + msix.pba_bytes)
-        ):
-            raise ValueError("the MSI-X table and PBA overlap")
-        return msix
 
     def close(self) -> None:
         """Release what muser made for the device: the memory behind mappable BARs and
@@ -370,9 +378,12 @@ class PciDevice:
 
     def write_region(self, index: int, offset: int, data: bytes) -> Awaitable[None] | None:
         """A client write, already checked against the region's bounds."""
+        return self.region_writers[index](offset, data)
+
+    def _writer(self, index: int) -> RegionWriter:
         if index == PciRegion.CONFIG:
-            return self.write_config(offset, data)
-        return self._bars.write(index, offset, data)
+            return self.write_config
+        return self._bars.writer(index)
 
     def read_config(self, offset: int, count: int) -> bytes | Awaitable[bytes]:
         """A guest read of config space, from the emulated bytes or the device's own

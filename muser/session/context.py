@@ -12,6 +12,7 @@ from muser.wire import Capabilities
 
 Reader = Callable[[int, int], bytes | Awaitable[bytes]]
 Writer = Callable[[int, int, bytes], Awaitable[None] | None]
+RegionWriter = Callable[[int, bytes], Awaitable[None] | None]
 
 
 class Logger(Protocol):
@@ -39,6 +40,8 @@ class Context:
     """What reads each region (offset, count), decided once."""
     write: Writer = field(init=False)
     """What writes a region (index, offset, data)."""
+    writers: tuple[RegionWriter, ...] = field(default=())
+    """What writes each region (offset, data), decided once."""
     stopping: bool = False
     """Set when the server closes: no command after the one being handled runs (the
     hot path checks it between messages)."""
@@ -46,11 +49,13 @@ class Context:
     def __post_init__(self) -> None:
         device = self.device
         self.write = device.write_region
+        regions = range(len(device.region_readers))
+        # A subclass that overrides read_region or write_region is asked through it.
         if type(device).read_region is PciDevice.read_region:
             self.readers = device.region_readers
         else:
-            # A subclass that overrides read_region is asked through it.
-            self.readers = tuple(
-                functools.partial(device.read_region, index)
-                for index in range(len(device.region_readers))
-            )
+            self.readers = tuple(functools.partial(device.read_region, i) for i in regions)
+        if type(device).write_region is PciDevice.write_region:
+            self.writers = device.region_writers
+        else:
+            self.writers = tuple(functools.partial(device.write_region, i) for i in regions)

@@ -219,6 +219,11 @@ class NvmeController(muser.PciDevice):
             SHST_COMPLETE << CSTS_SHST_SHIFT
         )
 
+    def close(self) -> None:
+        """What muser made for the device, then the namespaces' file and threads."""
+        super().close()
+        self.storage.close()
+
     def reset(self, reason: muser.ResetReason) -> None:
         """FLR, DEVICE_RESET or a client gone: the controller as at power-on, its
         namespaces' data kept."""

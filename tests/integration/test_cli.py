@@ -259,3 +259,33 @@ def test_bad_option_values_are_refused(args: tuple[str, ...]) -> None:
     )
     assert result.returncode == 2
     assert args[0] in result.stderr
+
+
+@one_loop
+async def test_workers_spread_the_devices_over_processes(sock_dir: str) -> None:
+    paths = [os.path.join(sock_dir, f"{index}.sock") for index in range(3)]
+    sockets = [argument for path in paths for argument in ("--socket", path)]
+    process = await start("null", "null", "null", *sockets, "--workers", "2")
+    for path in paths:
+        await wait_for_socket(path, process)
+    servers = []
+    for path in paths:
+        async with await Client.connect(path) as client:
+            assert await client.region_read(7, 0, 2) == b"\x58\x4e"
+            servers.append(client.transport.peer_pid())
+    assert servers[0] == servers[2] != servers[1], "device i in worker i mod 2"
+    assert process.pid not in servers
+    stderr = await stop(process, signal.SIGTERM)
+    assert not any(os.path.exists(path) for path in paths)
+    assert "worker=0" in stderr
+    assert "worker=1" in stderr
+
+
+@one_loop
+async def test_a_failing_worker_stops_the_others(sock_dir: str) -> None:
+    good = os.path.join(sock_dir, "good.sock")
+    bad = os.path.join(sock_dir, "missing", "bad.sock")  # no such directory
+    process = await start("null", "null", "--socket", good, "--socket", bad, "--workers", "2")
+    _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 1, stderr.decode()
+    assert not os.path.exists(good)

@@ -34,6 +34,7 @@ from muser_samples.nvme.spec import (
     Reg,
     Status,
 )
+from tests.helpers import open_fds
 from tests.nvme_driver import NvmeHost, pattern
 
 NAMESPACE = 64 << 20
@@ -329,13 +330,18 @@ async def test_reset_and_a_new_server_keep_the_data(tmp_path: Path) -> None:
         assert await io(host, 1, IoOpcode.READ, 100, sink, MAX_TRANSFER) == 0
         assert bytes(host.view(sink, MAX_TRANSFER)) == data
     assert os.path.getsize(backing) == NAMESPACE
-    async with attach(nvme.create(backing, size=NAMESPACE)) as session:
+    second = nvme.create(backing, size=NAMESPACE)
+    async with attach(second) as session:
         host = await NvmeHost.attach(session, shared=False)
         await host.enable()
         await host.create_queue_pair(1, 16, vector=1)
         sink = host.allocate(MAX_TRANSFER)
         assert await io(host, 1, IoOpcode.READ, 100, sink, MAX_TRANSFER) == 0
         assert bytes(host.view(sink, MAX_TRANSFER)) == data
+    fd = second.storage.fd
+    second.close()
+    assert fd not in open_fds()
+    second.close()  # closing twice is harmless
 
 
 async def test_a_lost_client_leaves_a_powered_on_controller() -> None:

@@ -1,19 +1,30 @@
 """Random client streams through the session core in memory: however the stream is
-cut into receives, and whether the hot path is on or off, the server answers the
-same bytes, the device sees the same calls, and the session ends in the same state,
-with every fd it was given closed. Streams carry valid and refused accesses, posted
-and not, other commands, fds, unknown flag bits, and may stop mid-message."""
+cut into receives, whether the hot path is on or off, and whether its loop is C or
+Python, the server answers the same bytes, the device sees the same calls, and the
+session ends in the same state, with every fd it was given closed. Streams carry
+valid and refused accesses, posted and not, other commands, fds, unknown flag bits,
+and may stop mid-message."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from muser.session import SessionSettings
-from muser.wire.constants import Command, HeaderFlag, PciRegion
+from muser.session import SessionSettings, fast
+from muser.session.regions import ACCESS_SIZE
+from muser.wire.constants import (
+    FLAGS_POSTED_COMMAND,
+    FLAGS_REPLY,
+    HEADER_SIZE,
+    Command,
+    HeaderFlag,
+    PciRegion,
+)
 from muser.wire.messages import (
     DeviceInfo,
     RegionAccess,
@@ -112,11 +123,18 @@ def streams(draw: st.DrawFn) -> Stream:
 
 
 def serve(
-    stream: Stream, *, fast_path: bool, cut: bool
+    stream: Stream, *, fast_path: bool, cut: bool, accelerated: bool = True
 ) -> tuple[bytes, list[tuple[str, int, bytes]], bytes, bytes, str]:
-    """What the client receives, what the device saw and holds, and the final state."""
+    """What the client receives, what the device saw and holds, and the final state.
+    Without `accelerated`, the hot path runs its Python loop even where the C one
+    (muser._speedups) is built."""
     device = RecordingDevice()
-    pair = SessionPair(device, settings=SessionSettings(fast_path=fast_path))
+    accelerator = fast.ACCELERATOR
+    fast.ACCELERATOR = accelerator if accelerated else None
+    try:  # the hot path picks its loop when the session is made
+        pair = SessionPair(device, settings=SessionSettings(fast_path=fast_path))
+    finally:
+        fast.ACCELERATOR = accelerator
     pieces, stop, sent = stream.pieces, stream.stop, 0
     pair.send_raw(version_request())
     pair.pump()
@@ -163,3 +181,40 @@ def test_the_hot_path_answers_as_the_general_path(stream: Stream, cut: bool) -> 
     before = open_fds()
     assert serve(stream, fast_path=True, cut=cut) == serve(stream, fast_path=False, cut=cut)
     assert open_fds() == before
+
+
+@pytest.mark.skipif(
+    fast.ACCELERATOR is None, reason="muser._speedups is not built, or MUSER_PURE_PYTHON is set"
+)
+@SETTINGS
+@given(streams(), st.booleans())
+def test_the_c_loop_answers_as_the_python_loop(stream: Stream, cut: bool) -> None:
+    before = open_fds()
+    accelerated = serve(stream, fast_path=True, cut=cut)
+    assert accelerated == serve(stream, fast_path=True, cut=cut, accelerated=False)
+    assert open_fds() == before
+
+
+@pytest.mark.skipif(
+    fast.ACCELERATOR is None, reason="muser._speedups is not built, or MUSER_PURE_PYTHON is set"
+)
+def test_the_c_loop_speaks_the_same_wire() -> None:
+    speedups = fast.ACCELERATOR
+    assert speedups is not None
+    assert (speedups.ACCESS_SIZE, speedups.HEADER_SIZE) == (ACCESS_SIZE, HEADER_SIZE)
+    assert (speedups.REGION_READ, speedups.REGION_WRITE) == (
+        Command.REGION_READ,
+        Command.REGION_WRITE,
+    )
+    assert (speedups.FLAGS_POSTED, speedups.FLAGS_REPLY) == (FLAGS_POSTED_COMMAND, FLAGS_REPLY)
+    with pytest.raises(TypeError, match="observing nothing"):
+        speedups.serve_plain(b"", (*[()] * 7, print))
+
+
+def test_the_accelerator_is_built_where_a_compiler_is() -> None:
+    """CI installs as the README says: the extension must have been built, unless
+    the machine cannot build it or the Python loop was asked for."""
+    if os.environ.get("MUSER_PURE_PYTHON"):
+        assert fast.ACCELERATOR is None
+    elif shutil.which("cc") is not None:
+        assert fast.ACCELERATOR is not None

@@ -31,6 +31,7 @@ LAYERS = [
             "muser.server",
             "muser.trace",
             "muser.run",
+            "muser.workers",
             "muser.loading",
             "muser.lspci",
             "muser.testing",
