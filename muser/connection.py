@@ -163,6 +163,7 @@ class ServerConnection(Endpoint):
         if self._handler is not None:
             await asyncio.gather(self._handler, return_exceptions=True)
         if self._connected is not None:
+            self._connected.cancel()  # a hook still running when its client has gone
             await asyncio.gather(self._connected, return_exceptions=True)
             reason = self.session.close_reason or DisconnectReason.CLIENT_LEFT
             await self._hook("disconnected", reason)

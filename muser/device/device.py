@@ -274,7 +274,8 @@ class PciDevice:
     def connected(self, client: ClientInfo) -> Awaitable[None] | None:
         """Override to start what runs while a client drives the device (timers,
         background tasks). Called once the client has negotiated; may be `async
-        def`, and then runs as a task of its own while commands are served."""
+        def`, and then runs as a task of its own while commands are served (and is
+        cancelled if it still runs when the client leaves)."""
         return None
 
     def disconnected(self, reason: DisconnectReason) -> Awaitable[None] | None:

@@ -355,3 +355,32 @@ async def test_a_failing_hook_is_logged_and_the_session_goes_on(sock_path: str) 
                     await asyncio.sleep(0.001)
             assert (await client.get_device_info()).num_regions == device.num_regions
     assert any(entry["event"] == "device's connected hook failed" for entry in logs)
+
+
+async def test_a_connected_hook_still_running_is_cancelled_when_the_client_leaves(
+    sock_path: str,
+) -> None:
+    class Stuck(muser.PciDevice):
+        def __init__(self) -> None:
+            super().__init__(vendor_id=0x1234, device_id=0x0002)
+            self.told: list[object] = []
+
+        async def connected(self, client: muser.ClientInfo) -> None:
+            try:
+                await asyncio.Event().wait()  # never set
+            except asyncio.CancelledError:
+                self.told.append("cancelled")
+                raise
+
+        def disconnected(self, reason: muser.DisconnectReason) -> None:
+            self.told.append(reason)
+
+    device = Stuck()
+    async with Server(device, sock_path) as server:
+        async with await Client.connect(sock_path) as client:
+            await client.get_device_info()
+        connection = server.connection
+        assert connection is not None
+        async with asyncio.timeout(5):
+            await connection.finished.wait()
+    assert device.told == ["cancelled", muser.DisconnectReason.CLIENT_LEFT]
