@@ -11,7 +11,6 @@ from muser.device import PciDevice
 from muser.wire import Capabilities
 
 Reader = Callable[[int, int], bytes | Awaitable[bytes]]
-Writer = Callable[[int, int, bytes], Awaitable[None] | None]
 RegionWriter = Callable[[int, bytes], Awaitable[None] | None]
 
 
@@ -38,8 +37,6 @@ class Context:
     """The protocol version the client asked for, "major.minor"."""
     readers: tuple[Reader, ...] = field(default=())
     """What reads each region (offset, count), decided once."""
-    write: Writer = field(init=False)
-    """What writes a region (index, offset, data)."""
     writers: tuple[RegionWriter, ...] = field(default=())
     """What writes each region (offset, data), decided once."""
     stopping: bool = False
@@ -48,7 +45,6 @@ class Context:
 
     def __post_init__(self) -> None:
         device = self.device
-        self.write = device.write_region
         regions = range(len(device.region_readers))
         # A subclass that overrides read_region or write_region is asked through it.
         if type(device).read_region is PciDevice.read_region:

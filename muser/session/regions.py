@@ -145,7 +145,7 @@ def region_write(
     check_access(context, region, offset, count)
     if not count:
         return Packed(write_reply(frame.msg_id, offset, region, 0))
-    done = context.write(region, offset, request.data)
+    done = context.writers[region](offset, request.data)
     return write_outcome(frame.msg_id, offset, region, count, done)
 
 
@@ -159,7 +159,7 @@ def region_write_multi(
         check_access(context, write.region, write.offset, write.count)
     reply = WriteMultiReply(len(writes))
     for position, write in enumerate(writes):
-        done = context.write(write.region, write.offset, write.data[: write.count])
+        done = context.writers[write.region](write.offset, write.data[: write.count])
         if done is not None:
             return _finish_writes(context, done, writes[position + 1 :], reply)
     return reply
@@ -170,7 +170,7 @@ async def _finish_writes(
 ) -> Outcome:
     await done
     for write in rest:
-        pending = context.write(write.region, write.offset, write.data[: write.count])
+        pending = context.writers[write.region](write.offset, write.data[: write.count])
         if pending is not None:
             await pending
     return reply
