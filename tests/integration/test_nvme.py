@@ -35,7 +35,7 @@ from muser_samples.nvme.spec import (
     Status,
 )
 from tests.helpers import open_fds
-from tests.nvme_driver import NvmeHost, pattern
+from tests.nvme_driver import Completion, NvmeHost, pattern
 
 NAMESPACE = 64 << 20
 BLOCK = 512
@@ -72,6 +72,19 @@ async def io(host: NvmeHost, qid: int, opcode: int, lba: int, buffer: int, size:
     return done.status
 
 
+def submit_transfers(
+    host: NvmeHost, qid: int, opcode: int, buffer: int, size: int
+) -> list[asyncio.Future[Completion]]:
+    """`size` bytes at `buffer` as MDTS-sized commands on queue `qid`, block 1 on
+    (not yet rung)."""
+    futures = []
+    for position in range(0, size, MAX_TRANSFER):
+        prp1, prp2 = host.prps(buffer + position, MAX_TRANSFER)
+        lba, count = (position + BLOCK) // BLOCK, blocks(MAX_TRANSFER // BLOCK)
+        futures.append(host.submit(qid, opcode, nsid=1, prp1=prp1, prp2=prp2, cdw=(lba, 0, count)))
+    return futures
+
+
 async def test_identify_queues_and_4_mib_through_prp_lists(host: NvmeHost) -> None:
     done, controller = await host.identify(Cns.CONTROLLER)
     assert done.status == 0
@@ -94,25 +107,12 @@ async def test_identify_queues_and_4_mib_through_prp_lists(host: NvmeHost) -> No
     data = pattern(size, seed=4)
     source, sink = host.allocate(size + PAGE_SIZE), host.allocate(size + PAGE_SIZE)
     host.view(source + BLOCK, size)[:] = data  # off a page boundary: PRP1 has an offset
-    step = MAX_TRANSFER
-    writes = []
-    for position in range(0, size, step):
-        prp1, prp2 = host.prps(source + BLOCK + position, step)
-        lba, count = (position + BLOCK) // BLOCK, blocks(step // BLOCK)
-        writes.append(
-            host.submit(1, IoOpcode.WRITE, nsid=1, prp1=prp1, prp2=prp2, cdw=(lba, 0, count))
-        )
+    writes = submit_transfers(host, 1, IoOpcode.WRITE, source + BLOCK, size)
     await host.ring(1)  # one doorbell for 32 commands: they run concurrently
     statuses = [(await host.wait(1, write)).status for write in writes]
     assert statuses == [0] * len(writes)
 
-    reads = []
-    for position in range(0, size, step):
-        prp1, prp2 = host.prps(sink + BLOCK + position, step)
-        lba, count = (position + BLOCK) // BLOCK, blocks(step // BLOCK)
-        reads.append(
-            host.submit(2, IoOpcode.READ, nsid=1, prp1=prp1, prp2=prp2, cdw=(lba, 0, count))
-        )
+    reads = submit_transfers(host, 2, IoOpcode.READ, sink + BLOCK, size)
     await host.ring(2)
     for read in reads:
         completion = await host.wait(2, read)
