@@ -137,8 +137,9 @@ class Irq:
         """Interrupts delivered since the device was created."""
         self.dropped = 0
         """Interrupts dropped since the device was created."""
-        self._dropped_reasons: set[str] = set()
-        """Why triggers were dropped by the guest's settings, each logged once."""
+        self._drop_logged = False
+        """Whether a trigger dropped by the guest's settings has been logged: once is
+        enough (the guest not having enabled the capability is the one reason)."""
 
     def __repr__(self) -> str:
         return f"<Irq {self.index.name} count={self.count} enabled={self.enabled}>"
@@ -182,11 +183,13 @@ class Irq:
         gate = self.gate(vector)
         if gate == _CLOSED:
             self.dropped += 1
-            reason = self.explain(vector)
-            if reason not in self._dropped_reasons:  # once: a device may trigger often
-                self._dropped_reasons.add(reason)
+            if not self._drop_logged:  # once: a device may trigger often
+                self._drop_logged = True
                 _log.debug(
-                    "interrupt dropped", index=self.index.name, vector=vector, reason=reason
+                    "interrupt dropped",
+                    index=self.index.name,
+                    vector=vector,
+                    reason=self.explain(vector),
                 )
             return Delivery.DROPPED
         if gate == _HOLD or self._masked[vector] or not self._controller.running:
