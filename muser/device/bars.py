@@ -16,7 +16,9 @@ from muser.errors import VfioUserError
 from muser.pci.capabilities import MsiX
 
 Reader = Callable[[int, int], bytes | Awaitable[bytes]]
+"""Reads a region: (offset, count) -> the bytes, or an awaitable of them."""
 Writer = Callable[[int, bytes], Awaitable[None] | None]
+"""Writes a region: (offset, data) -> None, or an awaitable."""
 
 
 class RangeKind(Enum):

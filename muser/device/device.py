@@ -9,6 +9,8 @@ from types import MappingProxyType
 
 from muser.device.access import await_in_order, joined, split_access
 from muser.device.bars import BarRouter
+from muser.device.bars import Reader as RegionReader
+from muser.device.bars import Writer as RegionWriter
 from muser.device.dma import DmaLayout, DmaSpace
 from muser.device.irq import Interrupts
 from muser.device.migration import Migration, MigrationController
@@ -100,12 +102,6 @@ def _checked_msix(bars: Mapping[int, Bar], capabilities: Sequence[Capability]) -
     ):
         raise ValueError("the MSI-X table and PBA overlap")
     return msix
-
-
-RegionReader = Callable[[int, int], bytes | Awaitable[bytes]]
-"""Reads a region: (offset, count) -> the bytes, or an awaitable of them."""
-RegionWriter = Callable[[int, bytes], Awaitable[None] | None]
-"""Writes a region: (offset, data) -> None, or an awaitable."""
 
 
 class PciDevice:

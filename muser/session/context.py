@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from muser.device import PciDevice
+from muser.device.bars import Reader, Writer
 from muser.wire import Capabilities
-
-Reader = Callable[[int, int], bytes | Awaitable[bytes]]
-RegionWriter = Callable[[int, bytes], Awaitable[None] | None]
 
 
 class Logger(Protocol):
@@ -37,7 +35,7 @@ class Context:
     """The protocol version the client asked for, "major.minor"."""
     readers: tuple[Reader, ...] = field(default=())
     """What reads each region (offset, count), decided once."""
-    writers: tuple[RegionWriter, ...] = field(default=())
+    writers: tuple[Writer, ...] = field(default=())
     """What writes each region (offset, data), decided once."""
     stopping: bool = False
     """Set when the server closes: no command after the one being handled runs (the

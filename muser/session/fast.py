@@ -29,7 +29,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from types import ModuleType
 from typing import Protocol
 
-from muser.session.context import Context, Reader, RegionWriter
+from muser.device.bars import Reader, Writer
+from muser.session.context import Context
 from muser.session.outcome import Outcome, Sender, Sink
 from muser.session.regions import ACCESS_SIZE, read_outcome, write_outcome
 from muser.session.state import Lifecycle
@@ -134,7 +135,7 @@ class AccessLane:
 
 
 Lane = tuple[
-    Sequence[int], int, Sequence[Reader], Sequence[RegionWriter], Sender, Sink, Context,
+    Sequence[int], int, Sequence[Reader], Sequence[Writer], Sender, Sink, Context,
     Callable[[Frame], None] | None,
 ]  # fmt: skip
 """What the plain loop works with: region sizes, the largest count, readers, writers,
